@@ -1,0 +1,101 @@
+"""Runs the CapsNet MNIST pipeline on this machine: LocalDagRunner, SQLite ML Metadata, Beam
+DirectRunner. `python local_runner.py --help` lists every flag; `make run ARGS=...` passes flags.
+
+Outputs (under --output-dir unless set one by one):
+  pipeline root   <output-dir>/pipeline_root/<Component>/<output>/<execution id>/
+  metadata        <output-dir>/metadata.sqlite
+  pushed models   <output-dir>/serving_model/<version>/
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def parse_args(argv):
+    from pipeline import configs  # light: no TensorFlow
+
+    defaults = configs.RunConfig()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smoke", choices=sorted(configs.PRESETS),
+                   help="named recipe: 'smoke' (~3.5k examples, 40 steps, minutes; not blessed) "
+                        "or 'full' (the seed's 50-epoch recipe on all images). Default: smoke")
+    p.add_argument("--output-dir", default=configs.default_output_dir(),
+                   help="base dir for pipeline root, metadata and pushed models "
+                        "(default: $CAPSNET_OUTPUT_DIR or ./outputs)")
+    p.add_argument("--pipeline-root", help="TFX pipeline root (default: <output-dir>/pipeline_root)")
+    p.add_argument("--metadata-path",
+                   help="SQLite ML Metadata file (default: <output-dir>/metadata.sqlite)")
+    p.add_argument("--serving-dir",
+                   help="blessed models are pushed to <serving-dir>/<version>/ "
+                        "(default: <output-dir>/serving_model)")
+    p.add_argument("--epochs", type=int, help=f"training epochs (preset; full: {defaults.epochs})")
+    p.add_argument("--steps-per-epoch", type=int,
+                   help="training steps per epoch (preset; full: one pass over the train split)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"global training batch size (preset; full: {defaults.batch_size})")
+    p.add_argument("--data-fraction", type=float,
+                   help="keep the first fraction of every split, in (0, 1] (preset; smoke: 0.05)")
+    p.add_argument("--max-test-error", type=float,
+                   help=f"blessing bar on the test split (default {defaults.max_test_error})")
+    p.add_argument("--data-path",
+                   help="MNIST to use instead of the default sources: a directory of the four "
+                        "IDX .gz files or a Keras-style mnist.npz")
+    p.add_argument("--data-cache-dir",
+                   help="where the verified canonical mnist.npz is kept "
+                        "(default: $MNIST_CACHE_DIR or ~/.cache/capsnet_tfx/mnist)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="bless on the test-error bar alone, without the no-regression check "
+                        "against the latest blessed model")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-run every component even if an identical execution exists")
+    args = p.parse_args(argv)
+    try:
+        config = configs.preset(args.preset, epochs=args.epochs,
+                                steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                                data_fraction=args.data_fraction,
+                                max_test_error=args.max_test_error)
+    except ValueError as e:
+        p.error(str(e))
+    args.pipeline_root = args.pipeline_root or os.path.join(args.output_dir, "pipeline_root")
+    args.metadata_path = args.metadata_path or os.path.join(args.output_dir, "metadata.sqlite")
+    args.serving_dir = args.serving_dir or os.path.join(args.output_dir, "serving_model")
+    return args, config
+
+
+def main(argv=None) -> int:
+    args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from absl import logging as absl_logging
+    from tfx import v1 as tfx
+
+    from data import mnist
+    from pipeline import configs, summary
+    from pipeline.pipeline import create_pipeline
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    started = time.time()
+    npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
+    print(f"MNIST source: {source}", flush=True)
+    metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(args.metadata_path)
+    tfx.orchestration.LocalDagRunner().run(create_pipeline(
+        pipeline_name=configs.PIPELINE_NAME,
+        pipeline_root=args.pipeline_root,
+        data_root=os.path.dirname(npz_path),
+        serving_dir=args.serving_dir,
+        config=config,
+        metadata_connection_config=metadata,
+        beam_pipeline_args=configs.LOCAL_BEAM_ARGS,
+        compare_to_baseline=not args.no_baseline,
+        enable_cache=not args.no_cache))
+    result = summary.summarize(metadata, configs.PIPELINE_NAME)
+    print(f"\n=== {configs.PIPELINE_NAME}: preset {args.preset}, "
+          f"{time.time() - started:.0f} s ===\n{result.format()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Export of the trained CapsNet as a SavedModel with two serving signatures.
+
+  serving_default(examples: string [N])      serialized raw tf.Examples (the ExampleGen format);
+                                             parsed and normalised by the Transform graph.
+  serving_images(images: uint8 [N,28,28] or [N,28,28,1])
+                                             raw pixels; packed into the same raw bytes and sent
+                                             through the same Transform graph.
+Both return {'scores': float32 [N, 10] capsule lengths, 'classes': int64 [N] argmax}.
+
+The Keras 3 inference model and the tf.Transform layer (a tf_keras layer) are tracked by one
+`keras.export.ExportArchive`, so the SavedModel carries the model weights and the transform
+graph's assets together.
+"""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from models import features
+
+SCORES = "scores"
+CLASSES = "classes"
+IMAGES_SIGNATURE = "serving_images"
+MODEL_INFO_FILE = "model_info.json"  # under assets.extra/, ignored by TF Serving
+
+# One-byte strings 0x00..0xff: gathering pixels into it and joining rebuilds the raw image bytes.
+_BYTE_STRINGS = [bytes([i]) for i in range(256)]
+
+
+def images_to_raw_bytes(images: tf.Tensor) -> tf.Tensor:
+    """uint8 [N, 28, 28] or [N, 28, 28, 1] -> string [N, 1], each 784 bytes, row-major."""
+    tf.debugging.assert_rank_in(images, [3, 4], message="images must be [N,28,28] or [N,28,28,1]")
+    shape = tf.shape(images)
+    tf.debugging.assert_equal(
+        tf.reduce_prod(shape[1:]), features.NUM_PIXELS,
+        message="images must be [N,28,28] or [N,28,28,1] uint8")
+    tf.debugging.assert_equal(shape[1:3], [features.IMAGE_SIZE, features.IMAGE_SIZE],
+                              message="images must be [N,28,28] or [N,28,28,1] uint8")
+    flat = tf.reshape(images, [shape[0], features.NUM_PIXELS])
+    pixels = tf.gather(tf.constant(_BYTE_STRINGS), tf.cast(flat, tf.int32))  # [N, 784] strings
+    return tf.strings.reduce_join(pixels, axis=-1, keepdims=True)
+
+
+def _outputs(model: keras.Model, images: tf.Tensor) -> dict:
+    lengths = model(images, training=False)["lengths"]
+    return {SCORES: lengths, CLASSES: tf.argmax(lengths, axis=-1)}
+
+
+def export_serving_model(model: keras.Model, tft_output, export_dir: str) -> None:
+    """Writes the SavedModel with both signatures and assets.extra/model_info.json.
+
+    Args:
+      model: the CapsNet inference model, image [N,28,28,1] float32 -> {'lengths': [N,10], ...}.
+      tft_output: tft.TFTransformOutput of the Transform component.
+      export_dir: destination (the Trainer's serving_model_dir).
+    """
+    tft_layer = tft_output.transform_features_layer()
+    raw_spec = tft_output.raw_feature_spec()
+    raw_spec.pop(features.LABEL_KEY)  # serving requests carry no label
+    image_xf = features.transformed_name(features.IMAGE_KEY)
+
+    @tf.function
+    def serve_examples(examples):
+        transformed = tft_layer(tf.io.parse_example(examples, raw_spec))
+        return _outputs(model, transformed[image_xf])
+
+    @tf.function
+    def serve_images(images):
+        transformed = tft_layer({features.IMAGE_KEY: images_to_raw_bytes(images)})
+        return _outputs(model, transformed[image_xf])
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(tft_layer)
+    archive.add_endpoint("serving_default", serve_examples,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    archive.add_endpoint(IMAGES_SIGNATURE, serve_images,
+                         input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
+    archive.write_out(export_dir, verbose=False)
+    _write_model_info(model, export_dir)
+
+
+def _write_model_info(model: keras.Model, export_dir: str) -> None:
+    """Records which Keras built the model, so tests and users can check it is Keras 3."""
+    info = {
+        "keras_version": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "model_class": f"{type(model).__module__}.{type(model).__name__}",
+        "trainable_params": int(sum(keras.ops.size(w) for w in model.trainable_weights)),
+    }
+    extra = os.path.join(export_dir, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    with tf.io.gfile.GFile(os.path.join(extra, MODEL_INFO_FILE), "w") as f:
+        json.dump(info, f, indent=2)

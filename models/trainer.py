@@ -1,0 +1,115 @@
+"""TFX Trainer module: thin glue between TFX and `models.capsnet`.
+
+`run_fn` reads the Transform output, builds and compiles the CapsNet inside
+`tf.distribute.MirroredStrategy()` (every visible GPU; the CPU when there is none), trains on the
+`train` split with per-epoch metrics on `valid`, writes TensorBoard logs to the model run dir and
+exports the serving SavedModel (see `models.serving`). The test split is never read here.
+"""
+
+import dataclasses
+import math
+from typing import Any, Dict
+
+import keras
+import tensorflow as tf
+import tensorflow_transform as tft
+from absl import logging
+from tfx_bsl.public import tfxio
+
+from models import features, serving
+from models.capsnet import build_capsnet, compile_capsnet
+
+IMAGE_XF = features.transformed_name(features.IMAGE_KEY)
+LABEL_XF = features.transformed_name(features.LABEL_KEY)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe; the Trainer receives it as `custom_config` (see pipeline/configs.py)."""
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    lr_decay: float      # learning rate after epoch e: learning_rate * lr_decay ** e
+    max_shift: int       # random integer shift of up to ±max_shift px, zero fill; train only
+    routings: int
+
+    @classmethod
+    def from_custom_config(cls, custom_config: Dict[str, Any]) -> "TrainConfig":
+        return cls(**{f.name: custom_config[f.name] for f in dataclasses.fields(cls)})
+
+
+def random_shift(images: tf.Tensor, max_shift: int) -> tf.Tensor:
+    """Shifts each image by its own random integer (dy, dx) in [-max_shift, max_shift], zero fill.
+
+    Vectorised: pad by max_shift, then gather a 28x28 window per image at a random offset.
+    [B, 28, 28, C] -> [B, 28, 28, C].
+    """
+    if max_shift == 0:
+        return images
+    size = features.IMAGE_SIZE
+    batch = tf.shape(images)[0]
+    padded = tf.pad(images, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
+    offsets = tf.random.uniform([2, batch], 0, 2 * max_shift + 1, dtype=tf.int32)
+    window = tf.range(size)[tf.newaxis, :]
+    rows = offsets[0][:, tf.newaxis] + window  # [B, 28]
+    cols = offsets[1][:, tf.newaxis] + window
+    padded = tf.gather(padded, rows, axis=1, batch_dims=1)  # [B, 28, 28 + 2s, C]
+    return tf.gather(padded, cols, axis=2, batch_dims=1)
+
+
+def to_model_io(batch: Dict[str, tf.Tensor], max_shift: int):
+    """Transformed features -> (inputs, targets) for the CapsNet training model.
+
+    inputs {'image': [B,28,28,1], 'label': one-hot [B,10]}; targets {'lengths': one-hot [B,10],
+    'recon': the (shifted) image flattened [B,784]}: the decoder reconstructs what it was shown.
+    """
+    images = random_shift(batch[IMAGE_XF], max_shift)
+    onehot = tf.one_hot(tf.reshape(batch[LABEL_XF], [-1]), features.NUM_CLASSES)
+    flat = tf.reshape(images, [-1, features.NUM_PIXELS])
+    return {"image": images, "label": onehot}, {"lengths": onehot, "recon": flat}
+
+
+def make_dataset(file_pattern, data_accessor, schema, batch_size: int, train: bool,
+                 max_shift: int) -> tf.data.Dataset:
+    """Batched model inputs from transformed examples; train: shuffled, repeated, augmented."""
+    dataset = data_accessor.tf_dataset_factory(
+        file_pattern,
+        tfxio.TensorFlowDatasetOptions(batch_size=batch_size, shuffle=train,
+                                       num_epochs=None if train else 1),
+        schema)
+    shift = max_shift if train else 0
+    return dataset.map(lambda batch: to_model_io(batch, shift),
+                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def run_fn(fn_args) -> None:
+    """TFX Trainer entry point (GenericExecutor)."""
+    config = TrainConfig.from_custom_config(fn_args.custom_config)
+    logging.info("CapsNet training with Keras %s (%s backend): %s",
+                 keras.__version__, keras.backend.backend(), config)
+    tft_output = tft.TFTransformOutput(fn_args.transform_output)
+    schema = tft_output.transformed_metadata.schema
+    train_ds = make_dataset(fn_args.train_files, fn_args.data_accessor, schema,
+                            config.batch_size, train=True, max_shift=config.max_shift)
+    valid_ds = make_dataset(fn_args.eval_files, fn_args.data_accessor, schema,
+                            config.batch_size, train=False, max_shift=0)
+
+    strategy = tf.distribute.MirroredStrategy()
+    logging.info("MirroredStrategy with %d replica(s)", strategy.num_replicas_in_sync)
+    with strategy.scope():
+        train_model, inference_model = build_capsnet(routings=config.routings)
+        compile_capsnet(train_model, learning_rate=config.learning_rate)
+
+    train_model.fit(
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=math.ceil(fn_args.train_steps / config.epochs),
+        validation_data=valid_ds,
+        validation_steps=fn_args.eval_steps,
+        callbacks=[
+            keras.callbacks.LearningRateScheduler(
+                lambda epoch: config.learning_rate * config.lr_decay ** epoch),
+            keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
+        ],
+        verbose=2)
+    serving.export_serving_model(inference_model, tft_output, fn_args.serving_model_dir)

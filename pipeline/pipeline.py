@@ -1,0 +1,124 @@
+"""The one pipeline definition, used by local_runner.py, kubeflow_runner.py and the tests.
+
+MnistExampleGen -> StatisticsGen -> ImportSchemaGen -> ExampleValidator -> AnomaliesGate
+  -> Transform -> Trainer (CapsNet) -> [latest blessed model Resolver] -> Evaluator -> Pusher
+"""
+
+import hashlib
+import os
+import pathlib
+from typing import Optional, Sequence
+
+from tfx import v1 as tfx
+from ml_metadata.proto import metadata_store_pb2
+
+from components.anomalies_gate import AnomaliesGate
+from components.mnist_example_gen import MnistExampleGen
+from pipeline import evaluation
+from pipeline.configs import RunConfig
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCHEMA_FILE = str(REPO_ROOT / "pipeline" / "schema.pbtxt")
+PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
+RUN_FN = "models.trainer.run_fn"
+
+
+def code_fingerprint(*packages: str) -> str:
+    """SHA-256 of the .py files of the given packages (relative to the repo root).
+
+    Transform and Trainer get their code by name, and TFX's cache key only sees that name; adding
+    this fingerprint to their custom_config makes any edit of the code they run a cache miss.
+    """
+    digest = hashlib.sha256()
+    for package in packages:
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def create_pipeline(
+    pipeline_name: str,
+    pipeline_root: str,
+    data_root: str,
+    serving_dir: str,
+    config: RunConfig,
+    metadata_connection_config: Optional[metadata_store_pb2.ConnectionConfig] = None,
+    beam_pipeline_args: Sequence[str] = (),
+    compare_to_baseline: bool = True,
+    enable_cache: bool = True,
+) -> tfx.dsl.Pipeline:
+    """Builds the pipeline.
+
+    Args:
+      pipeline_name: name recorded in ML Metadata.
+      pipeline_root: where component outputs go (a local dir, gs://, s3://).
+      data_root: directory holding the verified canonical `mnist.npz` (see data.mnist).
+      serving_dir: blessed models are pushed to `serving_dir/<version>/`.
+      config: the run's recipe (pipeline.configs.RunConfig; presets there).
+      metadata_connection_config: ML Metadata store (SQLite locally); None on Kubeflow.
+      beam_pipeline_args: for the Beam-based components.
+      compare_to_baseline: gate on no regression against the latest blessed model (a Resolver);
+        off for orchestrators without resolver support.
+      enable_cache: reuse earlier executions whose inputs and code are unchanged.
+    """
+    example_gen = MnistExampleGen(input_base=data_root, valid_size=config.valid_size,
+                                  data_fraction=config.data_fraction)
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=SCHEMA_FILE)
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
+    anomalies_gate = AnomaliesGate(anomalies=example_validator.outputs["anomalies"])
+
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"],
+        schema=schema_gen.outputs["schema"],
+        preprocessing_fn=PREPROCESSING_FN,
+        splits_config=tfx.proto.SplitsConfig(analyze=["train"], transform=["train", "valid"]),
+        custom_config={"code_fingerprint": code_fingerprint("models")})
+    transform.add_upstream_node(anomalies_gate)
+
+    sizes = config.split_sizes()
+    trainer = tfx.components.Trainer(
+        run_fn=RUN_FN,
+        examples=transform.outputs["transformed_examples"],
+        transform_graph=transform.outputs["transform_graph"],
+        train_args=tfx.proto.TrainArgs(
+            splits=["train"], num_steps=config.epochs * config.train_steps_per_epoch()),
+        eval_args=tfx.proto.EvalArgs(splits=["valid"], num_steps=config.valid_steps()),
+        custom_config={**config.trainer_custom_config(),
+                       "code_fingerprint": code_fingerprint("models")})
+
+    eval_config = evaluation.make_eval_config(config.max_test_error, sizes["test"],
+                                              compare_to_baseline)
+    components = [example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate,
+                  transform, trainer]
+    baseline = {}
+    if compare_to_baseline:
+        resolver = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        ).with_id("latest_blessed_model_resolver")
+        components.append(resolver)
+        baseline = {"baseline_model": resolver.outputs["model"]}
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        example_splits=["test"],
+        eval_config=eval_config,
+        **baseline)
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)))
+    components += [evaluator, pusher]
+
+    return tfx.dsl.Pipeline(
+        pipeline_name=pipeline_name,
+        pipeline_root=pipeline_root,
+        components=components,
+        enable_cache=enable_cache,
+        metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=list(beam_pipeline_args))

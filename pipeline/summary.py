@@ -1,0 +1,116 @@
+"""What the latest run produced, read back from ML Metadata: test error, blessing, push, paths.
+
+TFX records every node's execution in the run's `pipeline_run` context, cached ones included
+(with the outputs they reused), so the summary follows the metadata instead of guessing paths.
+"""
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import tensorflow_model_analysis as tfma
+from ml_metadata.metadata_store import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+from pipeline.evaluation import ACCURACY
+
+_OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+
+
+@dataclasses.dataclass
+class NodeRun:
+    """One node's execution in a pipeline run and its output artifacts by output key."""
+    execution: metadata_store_pb2.Execution
+    outputs: Dict[str, metadata_store_pb2.Artifact]
+
+    @property
+    def cached(self) -> bool:
+        return self.execution.last_known_state == metadata_store_pb2.Execution.CACHED
+
+
+def latest_run(store: metadata_store.MetadataStore, pipeline_name: str) -> Dict[str, NodeRun]:
+    """{node id: NodeRun} for the pipeline's most recent run."""
+    pipeline = store.get_context_by_type_and_name("pipeline", pipeline_name)
+    if pipeline is None:
+        raise LookupError(f"pipeline {pipeline_name!r} has no runs in this metadata store")
+    run = max((c for c in store.get_children_contexts_by_context(pipeline.id)
+               if c.type == "pipeline_run"), key=lambda c: c.id)
+    executions = store.get_executions_by_context(run.id)
+    events = store.get_events_by_execution_ids([e.id for e in executions])
+    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
+    nodes = {}
+    for execution in sorted(executions, key=lambda e: e.id):
+        outputs = {e.path.steps[0].key: artifacts[e.artifact_id] for e in events
+                   if e.execution_id == execution.id and e.type in _OUTPUT_EVENTS}
+        nodes[_node_id(store, execution)] = NodeRun(execution, outputs)
+    return nodes
+
+
+def _node_id(store, execution) -> str:
+    for context in store.get_contexts_by_execution(execution.id):
+        if context.type == "node":
+            return context.name.split(".", 1)[1]
+    raise LookupError(f"execution {execution.id} belongs to no node")
+
+
+def overall_metrics(evaluation_uri: str) -> Dict[str, float]:
+    """{metric name: value} of the candidate model on the overall (unsliced) test split."""
+    for metrics in tfma.load_metrics(evaluation_uri):
+        if not metrics.slice_key.single_slice_keys:
+            return {kv.key.name: kv.value.double_value.value
+                    for kv in metrics.metric_keys_and_values
+                    if kv.key.model_name in ("", "candidate") and not kv.key.is_diff}
+    raise LookupError(f"no overall slice in the TFMA metrics at {evaluation_uri}")
+
+
+def threshold_report(evaluation_uri: str) -> List[str]:
+    """One line per metric threshold that failed, or a line saying all passed."""
+    result = tfma.load_validation_result(evaluation_uri)
+    if result.validation_ok:
+        return ["passed every threshold"]
+    return [f"failed: {failure.message}" if failure.message else f"failed: {failure}"
+            for per_slice in result.metric_validations_per_slice
+            for failure in per_slice.failures] or ["failed: no metric could be validated"]
+
+
+@dataclasses.dataclass
+class RunSummary:
+    test_error: float
+    test_examples: int
+    blessed: bool
+    thresholds: List[str]
+    pushed_to: Optional[str]   # versioned dir under the serving dir; None if nothing was pushed
+    evaluation_uri: str
+    tensorboard_uri: str
+    cached_nodes: List[str]
+
+    def format(self) -> str:
+        errors = round(self.test_error * self.test_examples)
+        return "\n".join([
+            f"Test error: {self.test_error:.2%} ({errors} of {self.test_examples} test examples)",
+            f"Model: {'BLESSED' if self.blessed else 'NOT BLESSED'}",
+            *[f"  {line}" for line in self.thresholds],
+            f"Pushed to: {self.pushed_to}" if self.pushed_to
+            else "Pushed: nothing (only blessed models are pushed)",
+            f"TFMA output: {self.evaluation_uri}",
+            f"TensorBoard logs: {self.tensorboard_uri}",
+            f"Served from cache: {', '.join(self.cached_nodes) or 'nothing'}",
+        ])
+
+
+def summarize(connection_config: metadata_store_pb2.ConnectionConfig, pipeline_name: str
+              ) -> RunSummary:
+    """Summary of the pipeline's latest run."""
+    nodes = latest_run(metadata_store.MetadataStore(connection_config), pipeline_name)
+    evaluation = nodes["Evaluator"].outputs["evaluation"].uri
+    metrics = overall_metrics(evaluation)
+    pushed = nodes["Pusher"].outputs["pushed_model"].custom_properties
+    return RunSummary(
+        test_error=1.0 - metrics[ACCURACY],
+        test_examples=int(metrics["example_count"]),
+        blessed=nodes["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 1,
+        thresholds=threshold_report(evaluation),
+        pushed_to=(pushed["pushed_destination"].string_value
+                   if pushed["pushed"].int_value == 1 else None),
+        evaluation_uri=evaluation,
+        tensorboard_uri=nodes["Trainer"].outputs["model_run"].uri,
+        cached_nodes=[node for node, run in nodes.items() if run.cached])

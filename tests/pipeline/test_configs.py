@@ -1,0 +1,76 @@
+"""Presets, splits and the command line of local_runner.py (no TFX run)."""
+
+import subprocess
+import sys
+
+import pytest
+
+import local_runner
+from data import splits
+from pipeline import configs
+
+
+def test_splits_partition_the_official_arrays():
+    ranges = splits.split_ranges(valid_size=5000, data_fraction=1.0)
+    assert ranges == {"train": ("train", 0, 55000), "valid": ("train", 55000, 60000),
+                      "test": ("test", 0, 10000)}
+
+
+def test_data_fraction_keeps_the_first_rows_of_each_split():
+    ranges = splits.split_ranges(valid_size=5000, data_fraction=0.05)
+    assert ranges == {"train": ("train", 0, 2750), "valid": ("train", 55000, 55250),
+                      "test": ("test", 0, 500)}
+    assert splits.split_sizes(5000, 1e-6) == {"train": 1, "valid": 1, "test": 1}
+
+
+@pytest.mark.parametrize("valid_size, fraction", [(0, 1.0), (60000, 1.0), (5000, 0.0),
+                                                  (5000, 1.5), (5000, -0.1)])
+def test_bad_split_arguments_are_refused(valid_size, fraction):
+    with pytest.raises(ValueError, match="must be in"):
+        splits.split_ranges(valid_size, fraction)
+
+
+def test_full_preset_is_the_seed_recipe():
+    full = configs.PRESETS["full"]
+    assert (full.epochs, full.batch_size, full.learning_rate, full.lr_decay, full.max_shift,
+            full.data_fraction, full.routings) == (50, 100, 1e-3, 0.9, 2, 1.0, 3)
+    assert full.train_steps_per_epoch() == 550 and full.valid_steps() == 50
+    assert full.max_test_error == 0.004
+
+
+def test_smoke_preset_is_small():
+    smoke = configs.PRESETS["smoke"]
+    assert sum(smoke.split_sizes().values()) == 3500
+    assert smoke.epochs * smoke.train_steps_per_epoch() == 40
+
+
+def test_preset_overrides_and_refusals():
+    assert configs.preset("smoke", epochs=3, batch_size=None).epochs == 3
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        configs.preset("huge")
+    for field, value in [("epochs", 0), ("batch_size", -1), ("steps_per_epoch", 0),
+                         ("data_fraction", 0.0), ("data_fraction", 2.0)]:
+        with pytest.raises(ValueError, match=field):
+            configs.preset("smoke", **{field: value})
+
+
+def test_runner_defaults_paths_under_output_dir(tmp_path):
+    args, config = local_runner.parse_args(["--output-dir", str(tmp_path), "--epochs", "2"])
+    assert args.pipeline_root == str(tmp_path / "pipeline_root")
+    assert args.metadata_path == str(tmp_path / "metadata.sqlite")
+    assert args.serving_dir == str(tmp_path / "serving_model")
+    assert config.epochs == 2 and config.data_fraction == 0.05
+
+
+def test_runner_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "local_runner.py", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ["--pipeline-root", "--serving-dir", "--preset", "--epochs", "--steps-per-epoch",
+                 "--batch-size", "--data-fraction", "--data-path", "--max-test-error"]:
+        assert flag in out
+
+
+def test_runner_refuses_bad_flags_with_usage_error():
+    proc = subprocess.run([sys.executable, "local_runner.py", "--epochs", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "epochs must be > 0, got 0" in proc.stderr

@@ -1,0 +1,192 @@
+"""End to end: the smoke preset through local_runner.py, on real MNIST, in a temp dir.
+
+Three runs on one pipeline root and metadata store, as a user would make them:
+  1. smoke preset: every component runs; the model is NOT blessed at 0.4 % and nothing is pushed;
+  2. the same command again: every component is served from cache;
+  3. a bar the smoke model passes: only Evaluator (and Pusher) run again; BLESSED and pushed.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_analysis as tfma
+import tensorflow_transform as tft
+from ml_metadata.metadata_store import metadata_store
+from tfx import v1 as tfx
+
+from data import mnist
+from models import serving
+from pipeline import configs, summary
+from pipeline.evaluation import ACCURACY
+
+pytestmark = pytest.mark.e2e
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMOKE = configs.PRESETS["smoke"]
+ALL_NODES = {"MnistExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
+             "AnomaliesGate", "Transform", "Trainer", "latest_blessed_model_resolver",
+             "Evaluator", "Pusher"}
+
+
+def run_local(out_dir, *flags):
+    """python local_runner.py --output-dir OUT ...; returns stdout, asserting exit code 0."""
+    proc = subprocess.run(
+        [sys.executable, "local_runner.py", "--output-dir", str(out_dir), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mnist_cache_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    flags = ["--preset", "smoke", "--data-cache-dir", mnist_cache_dir]
+    first = run_local(out, *flags)
+    first_nodes = latest_nodes(out)
+    second = run_local(out, *flags)
+    second_nodes = latest_nodes(out)
+    third = run_local(out, *flags, "--max-test-error", "1.0")
+    return {"out": out, "stdout": [first, second, third],
+            "nodes": [first_nodes, second_nodes, latest_nodes(out)]}
+
+
+def latest_nodes(out):
+    config = tfx.orchestration.metadata.sqlite_metadata_connection_config(
+        str(out / "metadata.sqlite"))
+    return summary.latest_run(metadata_store.MetadataStore(config), configs.PIPELINE_NAME)
+
+
+def count_records(pattern):
+    files = glob.glob(pattern)
+    assert files, pattern
+    return sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+
+
+def test_first_run_executes_every_component(runs):
+    nodes = runs["nodes"][0]
+    assert set(nodes) == ALL_NODES
+    assert not [n for n, r in nodes.items() if r.cached]
+
+
+def test_example_counts_per_split(runs):
+    examples = runs["nodes"][0]["MnistExampleGen"].outputs["examples"].uri
+    sizes = SMOKE.split_sizes()
+    assert sizes == {"train": 2750, "valid": 250, "test": 500}
+    for split, n in sizes.items():
+        assert count_records(os.path.join(examples, f"Split-{split}", "*.gz")) == n
+
+
+def test_examples_hold_the_verified_pixels(runs, mnist_arrays):
+    examples = runs["nodes"][0]["MnistExampleGen"].outputs["examples"].uri
+    files = glob.glob(os.path.join(examples, "Split-test", "*.gz"))
+    by_label = {}
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        ex = tf.train.Example.FromString(record.numpy())
+        image = np.frombuffer(ex.features.feature["image"].bytes_list.value[0], np.uint8)
+        by_label.setdefault(image.tobytes(), ex.features.feature["label"].int64_list.value[0])
+    expected = {img.tobytes(): int(y) for img, y in
+                zip(mnist_arrays.x_test[:500], mnist_arrays.y_test[:500])}
+    assert by_label == expected
+
+
+def test_transform_graph_normalises_raw_examples(runs, mnist_arrays):
+    tft_output = tft.TFTransformOutput(runs["nodes"][0]["Transform"].outputs["transform_graph"].uri)
+    image = mnist_arrays.x_test[0]
+    out = tft_output.transform_raw_features(
+        {"image": tf.constant([[image.tobytes()]]), "label": tf.constant([[7]], tf.int64)})
+    np.testing.assert_allclose(out["image_xf"].numpy()[0, ..., 0], image / 255.0, rtol=1e-6)
+    assert out["label_xf"].numpy().tolist() == [7]
+
+
+def test_exported_model_answers_on_both_signatures(runs, mnist_arrays):
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    loaded = tf.saved_model.load(model_dir)
+    assert set(loaded.signatures) == {"serving_default", serving.IMAGES_SIGNATURE}
+    images = mnist_arrays.x_test[:5]
+    examples = [tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[img.tobytes()]))
+    })).SerializeToString() for img in images]
+    by_examples = loaded.signatures["serving_default"](examples=tf.constant(examples))
+    by_images = loaded.signatures[serving.IMAGES_SIGNATURE](images=tf.constant(images))
+    by_images_4d = loaded.signatures[serving.IMAGES_SIGNATURE](images=tf.constant(images[..., None]))
+    for out in (by_examples, by_images, by_images_4d):
+        assert out["scores"].shape == (5, 10) and out["classes"].shape == (5,)
+        assert out["classes"].dtype == tf.int64
+        scores = out["scores"].numpy()
+        assert np.all((scores >= 0) & (scores < 1))  # capsule lengths
+        np.testing.assert_array_equal(out["classes"].numpy(), scores.argmax(-1))
+    np.testing.assert_allclose(by_examples["scores"], by_images["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(by_images["scores"], by_images_4d["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_exported_model_was_built_by_keras_3(runs):
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:
+        info = json.load(f)
+    assert info["keras_version"].startswith("3.")
+    assert info["model_class"].startswith("keras.src.")
+    assert info["trainable_params"] == 8215568
+
+
+def test_tensorboard_logs_are_written(runs):
+    logs = runs["nodes"][0]["Trainer"].outputs["model_run"].uri
+    assert glob.glob(os.path.join(logs, "train", "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(logs, "validation", "events.out.tfevents.*"))
+
+
+def test_tfma_metrics_and_per_digit_slices(runs):
+    evaluation = runs["nodes"][0]["Evaluator"].outputs["evaluation"].uri
+    by_slice = {}
+    for metrics in tfma.load_metrics(evaluation):
+        key = tuple((k.column, k.int64_value) for k in metrics.slice_key.single_slice_keys)
+        by_slice[key] = {kv.key.name: kv.value.double_value.value
+                         for kv in metrics.metric_keys_and_values}
+    assert by_slice[()]["example_count"] == 500
+    digits = {key[0][1]: m for key, m in by_slice.items() if key}
+    assert sorted(digits) == list(range(10))
+    assert sum(m["example_count"] for m in digits.values()) == 500
+    assert all(0.0 <= m[ACCURACY] <= 1.0 for m in digits.values())
+    assert list(tfma.load_plots(evaluation))  # the confusion matrix
+
+
+def test_smoke_model_is_not_blessed_and_not_pushed(runs):
+    first = runs["nodes"][0]
+    assert first["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 0
+    assert os.path.exists(os.path.join(first["Evaluator"].outputs["blessing"].uri, "NOT_BLESSED"))
+    assert first["Pusher"].outputs["pushed_model"].custom_properties["pushed"].int_value == 0
+    serving_dir = runs["out"] / "serving_model"
+    assert not serving_dir.exists() or not os.listdir(serving_dir)
+    assert "Model: NOT BLESSED" in runs["stdout"][0]
+    assert "failed:" in runs["stdout"][0]
+    assert "Pushed: nothing" in runs["stdout"][0]
+
+
+def test_second_identical_run_is_served_from_cache(runs):
+    nodes = runs["nodes"][1]
+    assert set(nodes) == ALL_NODES
+    not_cached = {n for n, r in nodes.items() if not r.cached}
+    assert not_cached <= {"latest_blessed_model_resolver"}  # resolvers resolve, never cache
+    assert nodes["Trainer"].outputs["model"].id == runs["nodes"][0]["Trainer"].outputs["model"].id
+
+
+def test_passing_bar_blesses_and_pushes_a_versioned_model(runs):
+    nodes = runs["nodes"][2]
+    rerun = {n for n, r in nodes.items() if not r.cached}
+    assert {"Evaluator", "Pusher"} <= rerun <= {"Evaluator", "Pusher",
+                                               "latest_blessed_model_resolver"}
+    assert nodes["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 1
+    pushed = nodes["Pusher"].outputs["pushed_model"].custom_properties
+    assert pushed["pushed"].int_value == 1
+    versions = os.listdir(runs["out"] / "serving_model")
+    assert len(versions) == 1 and versions[0].isdigit()
+    destination = str(runs["out"] / "serving_model" / versions[0])
+    assert pushed["pushed_destination"].string_value == destination
+    loaded = tf.saved_model.load(destination)
+    assert set(loaded.signatures) == {"serving_default", serving.IMAGES_SIGNATURE}
+    assert "Model: BLESSED" in runs["stdout"][2]
+    assert f"Pushed to: {destination}" in runs["stdout"][2]
