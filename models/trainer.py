@@ -104,8 +104,7 @@ def run_fn(fn_args) -> None:
         train_ds,
         epochs=config.epochs,
         steps_per_epoch=math.ceil(fn_args.train_steps / config.epochs),
-        validation_data=valid_ds,
-        validation_steps=fn_args.eval_steps,
+        validation_data=valid_ds,  # finite: one full pass over the valid split per epoch
         callbacks=[
             keras.callbacks.LearningRateScheduler(
                 lambda epoch: config.learning_rate * config.lr_decay ** epoch),

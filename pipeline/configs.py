@@ -63,10 +63,6 @@ class RunConfig:
     def train_steps_per_epoch(self) -> int:
         return self.steps_per_epoch or math.ceil(self.split_sizes()["train"] / self.batch_size)
 
-    def valid_steps(self) -> int:
-        """Batches in one full pass over the valid split."""
-        return math.ceil(self.split_sizes()["valid"] / self.batch_size)
-
     def trainer_custom_config(self) -> dict:
         """The recipe as the Trainer's custom_config (read by models.trainer.TrainConfig)."""
         return {"epochs": self.epochs, "batch_size": self.batch_size,

@@ -10,6 +10,7 @@ import pathlib
 from typing import Optional, Sequence
 
 from tfx import v1 as tfx
+from google.protobuf import message
 from ml_metadata.proto import metadata_store_pb2
 
 from components.anomalies_gate import AnomaliesGate
@@ -47,6 +48,7 @@ def create_pipeline(
     beam_pipeline_args: Sequence[str] = (),
     compare_to_baseline: bool = True,
     enable_cache: bool = True,
+    trainer_platform_config: Optional[message.Message] = None,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline.
 
@@ -61,6 +63,9 @@ def create_pipeline(
       compare_to_baseline: gate on no regression against the latest blessed model (a Resolver);
         off for orchestrators without resolver support.
       enable_cache: reuse earlier executions whose inputs and code are unchanged.
+      trainer_platform_config: orchestrator resources for the Trainer, applied with
+        `with_platform_config`; kubeflow_runner.py passes a KFP ResourceSpec that requests GPUs.
+        None (local runs): no request.
     """
     example_gen = MnistExampleGen(input_base=data_root, valid_size=config.valid_size,
                                   data_fraction=config.data_fraction)
@@ -85,9 +90,11 @@ def create_pipeline(
         transform_graph=transform.outputs["transform_graph"],
         train_args=tfx.proto.TrainArgs(
             splits=["train"], num_steps=config.epochs * config.train_steps_per_epoch()),
-        eval_args=tfx.proto.EvalArgs(splits=["valid"], num_steps=config.valid_steps()),
+        eval_args=tfx.proto.EvalArgs(splits=["valid"]),  # all of it, every epoch
         custom_config={**config.trainer_custom_config(),
                        "code_fingerprint": code_fingerprint("models")})
+    if trainer_platform_config is not None:
+        trainer.with_platform_config(trainer_platform_config)
 
     eval_config = evaluation.make_eval_config(config.max_test_error, sizes["test"],
                                               compare_to_baseline)

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Dict, List, Optional
 
 import tensorflow_model_analysis as tfma
+from tensorflow_model_analysis.writers import eval_config_writer
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
@@ -63,13 +64,44 @@ def overall_metrics(evaluation_uri: str) -> Dict[str, float]:
 
 
 def threshold_report(evaluation_uri: str) -> List[str]:
-    """One line per metric threshold that failed, or a line saying all passed."""
-    result = tfma.load_validation_result(evaluation_uri)
-    if result.validation_ok:
-        return ["passed every threshold"]
-    return [f"failed: {failure.message}" if failure.message else f"failed: {failure}"
-            for per_slice in result.metric_validations_per_slice
-            for failure in per_slice.failures] or ["failed: no metric could be validated"]
+    """One line per metric threshold of the evaluation: which passed, which failed and by how much.
+
+    TFX's Evaluator drops change thresholds when there is no baseline model yet (the first
+    blessed model); the line says so.
+    """
+    eval_config = eval_config_writer.load_eval_run(evaluation_uri)[0]
+    failures = [f for per_slice in tfma.load_validation_result(evaluation_uri)
+                .metric_validations_per_slice for f in per_slice.failures]
+    lines = [_describe_failure(f) for f in failures]
+    thresholds = [t.threshold for spec in eval_config.metrics_specs for m in spec.metrics
+                  for t in m.per_slice_thresholds]
+    if not failures:
+        lines += [f"passed: value threshold, {_bounds(t.value_threshold)}"
+                  for t in thresholds if t.HasField("value_threshold")]
+    if any(t.HasField("change_threshold") for t in thresholds):
+        if not failures:
+            lines.append("passed: change threshold, no regression against the latest blessed model")
+    else:
+        lines.append("change threshold: not applied (no blessed baseline model to compare with)")
+    return lines
+
+
+def _bounds(threshold) -> str:
+    parts = []
+    if threshold.HasField("lower_bound"):
+        parts.append(f">= {threshold.lower_bound.value:.6g}")
+    if threshold.HasField("upper_bound"):
+        parts.append(f"<= {threshold.upper_bound.value:.6g}")
+    return " and ".join(parts)
+
+
+def _describe_failure(failure) -> str:
+    name, value = failure.metric_key.name, failure.metric_value.double_value.value
+    if failure.metric_key.is_diff:
+        return (f"FAILED: change threshold, {name} changed by {value:+.6g} against the latest "
+                f"blessed model")
+    return (f"FAILED: value threshold, {name} = {value:.6g}, needs "
+            f"{_bounds(failure.metric_threshold.value_threshold)}")
 
 
 @dataclasses.dataclass

@@ -50,7 +50,9 @@ def test_eval_config_slices_per_digit_and_reads_serving_scores():
     assert [list(s.feature_keys) for s in config.slicing_specs] == [[], ["label"]]
     names = [m.class_name for m in config.metrics_specs[0].metrics]
     assert names == ["ExampleCount", "SparseCategoricalAccuracy", "MultiClassConfusionMatrixPlot"]
-    threshold = config.metrics_specs[0].metrics[1].threshold
-    assert threshold.change_threshold.direction == tfma.MetricDirection.HIGHER_IS_BETTER
+    per_slice, = config.metrics_specs[0].metrics[1].per_slice_thresholds
+    assert list(per_slice.slicing_specs) == [tfma.SlicingSpec()]  # overall only, not per digit
+    assert per_slice.threshold.change_threshold.direction == tfma.MetricDirection.HIGHER_IS_BETTER
     without = evaluation.make_eval_config(0.004, 10000, compare_to_baseline=False)
-    assert not without.metrics_specs[0].metrics[1].threshold.HasField("change_threshold")
+    assert not without.metrics_specs[0].metrics[1].per_slice_thresholds[0].threshold.HasField(
+        "change_threshold")

@@ -1,0 +1,298 @@
+"""Compiles the CapsNet MNIST pipeline for Kubeflow Pipelines 2.x (and Vertex AI Pipelines).
+
+The pipeline is the one `pipeline.pipeline.create_pipeline` that local_runner.py runs; this file
+only picks KubeflowV2DagRunner, the container image and the cloud locations. One compile writes:
+
+  <output-dir>/pipeline.yaml   the bare PipelineSpec: upload it to open-source Kubeflow Pipelines
+  <output-dir>/pipeline.json   the same spec wrapped in a PipelineJob (pipeline root included):
+                               the Vertex AI format, and what `tfx pipeline create` stores
+
+Targets (--target):
+  kubeflow  open-source KFP 2.x: no latest-blessed-model Resolver (a Vertex-only feature), so the
+            Evaluator blesses on the test-error bar alone; GPUs requested as `nvidia.com/gpu`.
+  vertex    Vertex AI Pipelines: with the Resolver (no regression against the last blessed
+            model); GPUs requested by Vertex accelerator name.
+
+Through the TFX CLI (it runs this file with no arguments; pass flags in $CAPSNET_KFP_ARGS):
+  CAPSNET_KFP_ARGS="--image gcr.io/P/capsnet-tfx:v1 --pipeline-root gs://B/root ..." \\
+    tfx pipeline create --engine vertex --pipeline_path kubeflow_runner.py
+(`--engine kubeflow` does not work in TFX 1.16: its KFP v1 runner was removed.)
+
+Every step runs in --image (see Dockerfile): the project's code is baked into it and reached by
+name (`models.trainer.run_fn`), so nothing is packaged into the pipeline root at compile time.
+Build the image from the same checkout you compile from.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import sys
+import time
+
+ARGS_ENV = "CAPSNET_KFP_ARGS"
+PLACEHOLDER_IMAGE = "gcr.io/YOUR_PROJECT/capsnet-tfx:latest"
+PLACEHOLDER_BUCKET = "gs://YOUR_BUCKET/capsnet-tfx"
+# Where the Dockerfile puts the project inside the image (WORKDIR, on PYTHONPATH).
+IMAGE_PROJECT_DIR = "/pipeline"
+PIPELINE_JSON = "pipeline.json"
+PIPELINE_YAML = "pipeline.yaml"
+# Kubernetes extended resource for the Trainer's GPUs on open-source KFP (the KFP driver puts the
+# accelerator type verbatim into the pod's resource limits); Vertex names accelerator models.
+DEFAULT_ACCELERATOR = {"kubeflow": "nvidia.com/gpu", "vertex": "NVIDIA_TESLA_T4"}
+# KFP v2 refuses other pipeline names (tfx/orchestration/kubeflow/v2/pipeline_builder.py).
+_KFP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import configs  # light: no TensorFlow
+
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", choices=sorted(DEFAULT_ACCELERATOR), default="kubeflow",
+                   help="orchestrator the spec is for: 'kubeflow' (open-source KFP 2.x, no "
+                        "Resolver) or 'vertex' (Vertex AI, with the Resolver). Default: kubeflow")
+    p.add_argument("--image", default=PLACEHOLDER_IMAGE,
+                   help="container image of every step, built from ./Dockerfile and pushed where "
+                        f"the cluster can pull it. Default: {PLACEHOLDER_IMAGE} (a placeholder)")
+    p.add_argument("--pipeline-root", default=f"{PLACEHOLDER_BUCKET}/pipeline_root",
+                   help="where the steps write their outputs: gs://..., s3://... (the image then "
+                        "needs tensorflow-io, see README) or a path every pod mounts. Stored in "
+                        "pipeline.json; for pipeline.yaml it is given when the run is created "
+                        f"(--submit does). Default: {PLACEHOLDER_BUCKET}/pipeline_root")
+    p.add_argument("--data-root", default=f"{PLACEHOLDER_BUCKET}/mnist",
+                   help="directory the pods can read holding the verified mnist.npz (upload "
+                        "~/.cache/capsnet_tfx/mnist/mnist.npz there). "
+                        f"Default: {PLACEHOLDER_BUCKET}/mnist")
+    p.add_argument("--serving-dir", default=f"{PLACEHOLDER_BUCKET}/serving_model",
+                   help="blessed models are pushed to <serving-dir>/<version>/. "
+                        f"Default: {PLACEHOLDER_BUCKET}/serving_model")
+    p.add_argument("--preset", default="full", choices=sorted(configs.PRESETS),
+                   help="named recipe (pipeline/configs.py): 'full' (the 50-epoch recipe on all "
+                        "images) or 'smoke' (a few minutes; checks the plumbing, not blessed). "
+                        "Default: full")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs requested for the Trainer; MirroredStrategy trains on all of them. "
+                        "0: no request (train on CPU). Default: 1")
+    p.add_argument("--accelerator",
+                   help="accelerator type of the GPU request. Default: 'nvidia.com/gpu' for "
+                        "kubeflow (a Kubernetes resource name), 'NVIDIA_TESLA_T4' for vertex")
+    p.add_argument("--beam-args", default=" ".join(configs.LOCAL_BEAM_ARGS),
+                   help="Beam pipeline options of the Beam-based steps, as one string after "
+                        "'=' (--beam-args='...'); a Dataflow or Flink runner scales them out "
+                        "(README). Default: the DirectRunner in the pod, "
+                        f"'{' '.join(configs.LOCAL_BEAM_ARGS)}'")
+    p.add_argument("--pipeline-name", default=configs.PIPELINE_NAME.replace("_", "-"),
+                   help="KFP pipeline name, [a-z0-9][a-z0-9-]* (default: %(default)s)")
+    p.add_argument("--output-dir", default=os.path.join(configs.default_output_dir(), "kubeflow"),
+                   help="where pipeline.json and pipeline.yaml are written "
+                        "(default: $CAPSNET_OUTPUT_DIR/kubeflow or ./outputs/kubeflow)")
+    p.add_argument("--image-project-dir", default=IMAGE_PROJECT_DIR,
+                   help="the project's directory inside the image (the Dockerfile's WORKDIR); "
+                        "files the pipeline names by path, like the schema, are looked up there. "
+                        f"Default: {IMAGE_PROJECT_DIR}")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compile (and submit) with step caching off (default: caching on)")
+    p.add_argument("--submit", action="store_true",
+                   help="after compiling, upload pipeline.yaml to the open-source KFP at "
+                        "--endpoint and start a run (kfp SDK; needs the cluster reachable). "
+                        "Default: compile only")
+    p.add_argument("--endpoint",
+                   help="KFP API endpoint for --submit (no default), e.g. http://localhost:8080 "
+                        "after `kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`")
+    p.add_argument("--experiment", default="capsnet",
+                   help="KFP experiment of the submitted run (default: %(default)s)")
+    p.add_argument("--namespace",
+                   help="Kubeflow profile namespace for --submit (multi-user installs; "
+                        "default: the client's)")
+    return p
+
+
+def parse_args(argv):
+    """(args, RunConfig) from the flags in $CAPSNET_KFP_ARGS followed by argv (argv wins)."""
+    from pipeline import configs
+
+    p = build_parser()
+    env_flags = shlex.split(os.environ.get(ARGS_ENV, ""))
+    args = p.parse_args(env_flags + list(argv))
+    try:
+        config = configs.preset(args.preset)
+    except ValueError as e:
+        p.error(str(e))
+    args.accelerator = args.accelerator or DEFAULT_ACCELERATOR[args.target]
+    args.beam_args = shlex.split(args.beam_args)
+    problems = _problems(args)
+    if problems:
+        p.error("; ".join(problems))
+    return args, config
+
+
+def _problems(args) -> list:
+    """What is wrong with a parsed command line, as messages (empty when nothing is)."""
+    problems = []
+    if args.gpus < 0:
+        problems.append(f"--gpus must be >= 0, got {args.gpus}")
+    if not _KFP_NAME.fullmatch(args.pipeline_name):
+        problems.append(f"--pipeline-name must match [a-z0-9][a-z0-9-]{{0,127}}, "
+                        f"got {args.pipeline_name!r}")
+    bad_beam = [a for a in args.beam_args if not a.startswith("--")]
+    if bad_beam:
+        problems.append(f"--beam-args takes --option=value words, got {bad_beam}")
+    if not args.image:
+        problems.append("--image is empty")
+    if not os.path.isabs(args.image_project_dir):
+        problems.append(f"--image-project-dir must be absolute, got {args.image_project_dir!r}")
+    if args.endpoint and not args.submit:
+        problems.append("--endpoint is only used with --submit")
+    if args.submit:
+        if not args.endpoint:
+            problems.append("--submit needs --endpoint (the KFP API, e.g. http://localhost:8080)")
+        if args.target != "kubeflow":
+            problems.append("--submit uploads to open-source KFP (--target kubeflow); for Vertex "
+                            "use `tfx run create --engine vertex` or the Vertex console")
+        placeholders = [f"--{name.replace('_', '-')}" for name in
+                        ("image", "pipeline_root", "data_root", "serving_dir")
+                        if "YOUR_" in getattr(args, name)]
+        if placeholders:
+            problems.append(f"--submit with placeholder values: set {', '.join(placeholders)}")
+    return problems
+
+
+def storage_notes(args) -> list:
+    """Warnings about locations the stock image or the target cannot use as they are."""
+    notes = []
+    paths = {"--pipeline-root": args.pipeline_root, "--data-root": args.data_root,
+             "--serving-dir": args.serving_dir}
+    for flag, path in paths.items():
+        if path.startswith("s3://"):
+            notes.append(f"{flag} {path}: TensorFlow 2.16 reads s3:// only with tensorflow-io; "
+                         "build the image with EXTRA_PACKAGES (see README)")
+        elif "://" not in path:
+            notes.append(f"{flag} {path}: a plain path works only if every pod mounts the same "
+                         "volume there (see README, 'Run on Kubeflow')")
+    return notes
+
+
+def trainer_resources(gpus: int, accelerator: str):
+    """The Trainer's KFP ResourceSpec: `gpus` accelerators of the given type; None for 0."""
+    if gpus == 0:
+        return None
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    resource_spec = pipeline_spec_pb2.PipelineDeploymentConfig.PipelineContainerSpec.ResourceSpec
+    return resource_spec(accelerator=resource_spec.AcceleratorConfig(type=accelerator, count=gpus))
+
+
+def relocate_repo_paths(tfx_pipeline, repo_root: str, image_project_dir: str) -> dict:
+    """Points exec properties that name files of this checkout at the same files in the image.
+
+    create_pipeline names some files by absolute path (the schema); a pod sees the project at
+    `image_project_dir` instead. Returns {component id: {property: new value}} of what changed.
+    """
+    prefix = os.path.join(os.path.abspath(repo_root), "")
+    changed = {}
+    for component in tfx_pipeline.components:
+        for name, value in component.exec_properties.items():
+            if isinstance(value, str) and value.startswith(prefix):
+                new = os.path.join(image_project_dir, os.path.relpath(value, repo_root))
+                component.exec_properties[name] = new
+                changed.setdefault(component.id, {})[name] = new
+    return changed
+
+
+def compile_pipeline(args, config) -> tuple:
+    """Compiles to <output-dir>/pipeline.json and pipeline.yaml; returns their paths.
+
+    Under `tfx pipeline create` the CLI redirects pipeline.json to its own directory
+    ($VERTEX_HOME or ~/tfx/vertex, then the pipeline name); pipeline.yaml goes beside it.
+    """
+    import yaml
+    from tfx import v1 as tfx
+
+    from pipeline import pipeline as pipeline_module
+
+    tfx_pipeline = pipeline_module.create_pipeline(
+        pipeline_name=args.pipeline_name,
+        pipeline_root=args.pipeline_root,
+        data_root=args.data_root,
+        serving_dir=args.serving_dir,
+        config=config,
+        beam_pipeline_args=args.beam_args,
+        compare_to_baseline=args.target == "vertex",
+        enable_cache=not args.no_cache,
+        trainer_platform_config=trainer_resources(args.gpus, args.accelerator))
+    relocate_repo_paths(tfx_pipeline, str(pipeline_module.REPO_ROOT), args.image_project_dir)
+
+    runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
+        config=tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(
+            default_image=args.image,
+            # Schema 2.1: constants as `constant` and typed `parameterType`, which current
+            # open-source KFP backends require (they reject 2.0's legacy `constantValue`).
+            use_pipeline_spec_2_1=True),
+        output_dir=args.output_dir,
+        output_filename=PIPELINE_JSON)
+    # One run() only: the TFX CLI intercepts it and refuses a second call.
+    pipeline_job = runner.run(tfx_pipeline)
+    # The CLI's patcher may have moved the output (runner._output_dir is where run() wrote).
+    output_dir = getattr(runner, "_output_dir", args.output_dir)
+    json_path = os.path.join(output_dir, getattr(runner, "_output_filename", PIPELINE_JSON))
+    yaml_path = os.path.join(output_dir, PIPELINE_YAML)
+    spec = pipeline_job["pipelineSpec"]
+    with open(yaml_path, "w") as f:
+        f.write(f"# PIPELINE DEFINITION\n# Name: {spec['pipelineInfo']['name']}\n"
+                f"# Compiled by kubeflow_runner.py (target {args.target}) with "
+                f"{spec['sdkVersion']}; image {args.image}\n"
+                "# The pipeline root is chosen when a run is created.\n")
+        yaml.safe_dump(spec, f, sort_keys=True)
+    return json_path, yaml_path
+
+
+def submit(package_path: str, args, client=None) -> dict:
+    """Uploads the package to open-source KFP (a new pipeline, or a new version of it) and starts
+    a run of that version under --pipeline-root. Returns the ids it created.
+
+    `client` is a kfp.Client; by default one for --endpoint and --namespace.
+    """
+    if client is None:
+        import kfp
+        client = kfp.Client(host=args.endpoint, namespace=args.namespace)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    pipeline_id = client.get_pipeline_id(args.pipeline_name)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(
+            package_path, pipeline_name=args.pipeline_name,
+            description="CapsNet on MNIST (TFX), compiled by kubeflow_runner.py",
+            namespace=args.namespace).pipeline_id
+        versions = client.list_pipeline_versions(pipeline_id).pipeline_versions
+        version_id = versions[0].pipeline_version_id
+    else:
+        version_id = client.upload_pipeline_version(
+            package_path, pipeline_version_name=f"{args.pipeline_name}-{stamp}",
+            pipeline_id=pipeline_id).pipeline_version_id
+    experiment = client.create_experiment(args.experiment, namespace=args.namespace)
+    run = client.run_pipeline(
+        experiment_id=experiment.experiment_id, job_name=f"{args.pipeline_name}-{stamp}",
+        pipeline_id=pipeline_id, version_id=version_id, pipeline_root=args.pipeline_root,
+        enable_caching=False if args.no_cache else None)
+    return {"pipeline_id": pipeline_id, "version_id": version_id,
+            "experiment_id": experiment.experiment_id, "run_id": run.run_id}
+
+
+def main(argv=None) -> int:
+    args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    for note in storage_notes(args):
+        print(f"note: {note}", flush=True)
+    started = time.time()
+    json_path, yaml_path = compile_pipeline(args, config)
+    print(f"Compiled {args.pipeline_name} (target {args.target}, preset {args.preset}, "
+          f"image {args.image}, {args.gpus} x {args.accelerator} for the Trainer) "
+          f"in {time.time() - started:.0f} s:\n  {yaml_path}\n  {json_path}", flush=True)
+    if args.submit:
+        ids = submit(yaml_path, args)
+        print(f"Submitted: {args.endpoint.rstrip('/')}/#/runs/details/{ids['run_id']} "
+              f"(pipeline {ids['pipeline_id']}, version {ids['version_id']})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""CapsNet for MNIST as two functional Keras models sharing every weight.
+
+  train_model     {"image": [B,28,28,1], "label": one-hot [B,10]}
+                  -> {"lengths": [B,10], "recon": [B,784]}   decoder masked by the TRUE label
+  inference_model image [B,28,28,1] (one tensor; its Input is named "image")
+                  -> {"lengths": [B,10], "recon": [B,784]}   decoder masked by the longest capsule
+
+Trainable parameters: 8,215,568 (6,804,224 without the decoder), spec section 3.
+"""
+
+import math
+
+import keras
+
+from models.capsnet.layers import DigitCaps, Length, Mask, PrimaryCaps
+from models.capsnet.losses import RECON_WEIGHT, margin_loss, reconstruction_loss
+
+IMAGE = "image"
+LABEL = "label"
+LENGTHS = "lengths"
+RECON = "recon"
+
+
+def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient_routing=False):
+    """Builds (train_model, inference_model); see the module docstring for inputs and outputs."""
+    image = keras.Input(shape=input_shape, name=IMAGE)
+    label = keras.Input(shape=(n_class,), name=LABEL)
+
+    x = keras.layers.Conv2D(256, 9, strides=1, padding="valid", activation="relu",
+                            name="conv1")(image)
+    u = PrimaryCaps(n_channels=32, dim=8, kernel_size=9, strides=2, name="primary_caps")(x)
+    v = DigitCaps(n_caps=n_class, dim=16, routings=routings,
+                  stop_gradient_routing=stop_gradient_routing, name="digit_caps")(u)
+    lengths = Length(name=LENGTHS)(v)
+
+    # One decoder object, called on both masks, so both models share its weights.
+    decoder = keras.Sequential(
+        [
+            keras.Input(shape=(n_class * 16,)),
+            keras.layers.Dense(512, activation="relu", name="fc1"),
+            keras.layers.Dense(1024, activation="relu", name="fc2"),
+            keras.layers.Dense(math.prod(input_shape), activation="sigmoid", name="fc3"),
+        ],
+        name="decoder")
+    # Identity layers only give the outputs their key as layer name (model.output_names).
+    recon_true = keras.layers.Identity(name=RECON)(decoder(Mask(name="mask_by_label")([v, label])))
+    recon_longest = keras.layers.Identity(name=RECON)(decoder(Mask(name="mask_by_length")(v)))
+
+    train_model = keras.Model({IMAGE: image, LABEL: label},
+                              {LENGTHS: lengths, RECON: recon_true}, name="capsnet_train")
+    # A single tensor input (the Input is still named "image"): serving calls model(images).
+    inference_model = keras.Model(image, {LENGTHS: lengths, RECON: recon_longest},
+                                  name="capsnet")
+    return train_model, inference_model
+
+
+def compile_capsnet(train_model, learning_rate=1e-3):
+    """Adam; margin loss on lengths + RECON_WEIGHT * per-pixel MSE on recon; accuracy on lengths.
+
+    Keras names the logged metrics `loss`, `lengths_loss`, `recon_loss`, `lengths_accuracy`
+    (and `val_` + each on validation data).
+    """
+    train_model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss={LENGTHS: margin_loss, RECON: reconstruction_loss},
+        loss_weights={LENGTHS: 1.0, RECON: RECON_WEIGHT},
+        metrics={LENGTHS: [keras.metrics.CategoricalAccuracy(name="accuracy")]},
+    )
