@@ -39,6 +39,9 @@ def parse_args(argv):
                    help=f"global training batch size (preset; full: {defaults.batch_size})")
     p.add_argument("--data-fraction", type=float,
                    help="keep the first fraction of every split, in (0, 1] (preset; smoke: 0.05)")
+    p.add_argument("--learning-rate", type=float,
+                   help=f"Adam's initial learning rate, decayed x{defaults.lr_decay} per epoch "
+                        f"(default {defaults.learning_rate})")
     p.add_argument("--max-test-error", type=float,
                    help=f"blessing bar on the test split (default {defaults.max_test_error})")
     p.add_argument("--data-path",
@@ -57,40 +60,72 @@ def parse_args(argv):
         config = configs.preset(args.preset, epochs=args.epochs,
                                 steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                                 data_fraction=args.data_fraction,
+                                learning_rate=args.learning_rate,
                                 max_test_error=args.max_test_error)
     except ValueError as e:
         p.error(str(e))
     args.pipeline_root = args.pipeline_root or os.path.join(args.output_dir, "pipeline_root")
     args.metadata_path = args.metadata_path or os.path.join(args.output_dir, "metadata.sqlite")
     args.serving_dir = args.serving_dir or os.path.join(args.output_dir, "serving_model")
+    problem = path_problem(args.pipeline_root, args.metadata_path, args.serving_dir)
+    if problem:
+        p.error(problem)
     return args, config
+
+
+def path_problem(pipeline_root: str, metadata_path: str, serving_dir: str):
+    """Why these locations cannot work (a message), or None."""
+    for name, path in (("--pipeline-root", pipeline_root), ("--serving-dir", serving_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"{name} {path} is a file; expected a directory (or a path to create)"
+    if os.path.isdir(metadata_path):
+        return f"--metadata-path {metadata_path} is a directory; expected an SQLite file path"
+    root, serving = os.path.realpath(pipeline_root), os.path.realpath(serving_dir)
+    if serving == root or serving.startswith(root + os.sep):
+        return (f"--serving-dir {serving_dir} is inside --pipeline-root {pipeline_root}: pushed "
+                f"models must live outside the pipeline's artifact tree")
+    return None
 
 
 def main(argv=None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Component progress (absl: "Component X is finished") and the data source; not Beam's chatter.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("absl", "data.mnist"):
+        logging.getLogger(name).setLevel(logging.INFO)
     from absl import logging as absl_logging
     from tfx import v1 as tfx
 
     from data import mnist
-    from pipeline import configs, summary
+    from pipeline import configs, run_lock, summary
     from pipeline.pipeline import create_pipeline
 
     absl_logging.set_verbosity(absl_logging.INFO)
     started = time.time()
-    npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
-    print(f"MNIST source: {source}", flush=True)
-    metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(args.metadata_path)
-    tfx.orchestration.LocalDagRunner().run(create_pipeline(
-        pipeline_name=configs.PIPELINE_NAME,
-        pipeline_root=args.pipeline_root,
-        data_root=os.path.dirname(npz_path),
-        serving_dir=args.serving_dir,
-        config=config,
-        metadata_connection_config=metadata,
-        beam_pipeline_args=configs.LOCAL_BEAM_ARGS,
-        compare_to_baseline=not args.no_baseline,
-        enable_cache=not args.no_cache))
+    try:
+        npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
+        print(f"MNIST source: {source}", flush=True)
+        with run_lock.hold(args.pipeline_root):
+            print(f"Pipeline root {args.pipeline_root} is locked for this run", flush=True)
+            metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(
+                args.metadata_path)
+            tfx.orchestration.LocalDagRunner().run(create_pipeline(
+                pipeline_name=configs.PIPELINE_NAME,
+                pipeline_root=args.pipeline_root,
+                data_root=os.path.dirname(npz_path),
+                serving_dir=args.serving_dir,
+                config=config,
+                metadata_connection_config=metadata,
+                beam_pipeline_args=configs.LOCAL_BEAM_ARGS,
+                compare_to_baseline=not args.no_baseline,
+                enable_cache=not args.no_cache))
+    except (mnist.MnistDataError, run_lock.Busy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a component failed: the traceback is above, say it plainly last
+        logging.exception("pipeline run failed")
+        print(f"error: the pipeline run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     result = summary.summarize(metadata, configs.PIPELINE_NAME)
     print(f"\n=== {configs.PIPELINE_NAME}: preset {args.preset}, "
           f"{time.time() - started:.0f} s ===\n{result.format()}", flush=True)

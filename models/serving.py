@@ -6,6 +6,8 @@
                                              raw pixels; packed into the same raw bytes and sent
                                              through the same Transform graph.
 Both return {'scores': float32 [N, 10] capsule lengths, 'classes': int64 [N] argmax}.
+Next to them, `keras/capsnet.keras` keeps the whole Keras inference model, decoder included, for
+the capsule pictures of `models.capsnet.visualize` (the signatures expose no decoder).
 
 The Keras 3 inference model and the tf.Transform layer (a tf_keras layer) are tracked by one
 `keras.export.ExportArchive`, so the SavedModel carries the model weights and the transform
@@ -19,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from models import features
+from models.capsnet.visualize import KERAS_MODEL_FILE
 
 SCORES = "scores"
 CLASSES = "classes"
@@ -49,7 +52,7 @@ def _outputs(model: keras.Model, images: tf.Tensor) -> dict:
 
 
 def export_serving_model(model: keras.Model, tft_output, export_dir: str) -> None:
-    """Writes the SavedModel with both signatures and assets.extra/model_info.json.
+    """Writes the SavedModel with both signatures, assets.extra/model_info.json and the .keras file.
 
     Args:
       model: the CapsNet inference model, image [N,28,28,1] float32 -> {'lengths': [N,10], ...}.
@@ -80,6 +83,8 @@ def export_serving_model(model: keras.Model, tft_output, export_dir: str) -> Non
                          input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
     archive.write_out(export_dir, verbose=False)
     _write_model_info(model, export_dir)
+    tf.io.gfile.makedirs(os.path.dirname(os.path.join(export_dir, KERAS_MODEL_FILE)))
+    model.save(os.path.join(export_dir, KERAS_MODEL_FILE))
 
 
 def _write_model_info(model: keras.Model, export_dir: str) -> None:

@@ -82,6 +82,35 @@ def make_dataset(file_pattern, data_accessor, schema, batch_size: int, train: bo
                        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Fails training at the first batch whose loss is NaN or infinite, naming the step.
+
+    Keras' TerminateOnNaN only stops quietly and lets run_fn export the broken model; raising
+    fails the Trainer, so the run fails and nothing downstream (Evaluator, Pusher) runs.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+        self._steps_done = 0  # global step count across epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps_done += 1
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at global step {self._steps_done} "
+                f"(epoch {self._epoch + 1}, step {batch + 1} of the epoch); stopping the run, "
+                f"nothing will be evaluated or pushed. Lower the learning rate or check the data.")
+
+
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point (GenericExecutor)."""
     config = TrainConfig.from_custom_config(fn_args.custom_config)
@@ -106,6 +135,7 @@ def run_fn(fn_args) -> None:
         steps_per_epoch=math.ceil(fn_args.train_steps / config.epochs),
         validation_data=valid_ds,  # finite: one full pass over the valid split per epoch
         callbacks=[
+            StopOnNonFiniteLoss(),
             keras.callbacks.LearningRateScheduler(
                 lambda epoch: config.learning_rate * config.lr_decay ** epoch),
             keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),

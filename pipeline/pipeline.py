@@ -5,14 +5,15 @@ MnistExampleGen -> StatisticsGen -> ImportSchemaGen -> ExampleValidator -> Anoma
 """
 
 import hashlib
-import os
 import pathlib
 from typing import Optional, Sequence
 
-from tfx import v1 as tfx
 from google.protobuf import message
 from ml_metadata.proto import metadata_store_pb2
+from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
 
+from components import atomic_pusher
 from components.anomalies_gate import AnomaliesGate
 from components.mnist_example_gen import MnistExampleGen
 from pipeline import evaluation
@@ -116,6 +117,7 @@ def create_pipeline(
         eval_config=eval_config,
         **baseline)
     pusher = tfx.components.Pusher(
+        custom_executor_spec=executor_spec.ExecutorClassSpec(atomic_pusher.Executor),
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(

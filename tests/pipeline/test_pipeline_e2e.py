@@ -1,6 +1,6 @@
 """End to end: the smoke preset through local_runner.py, on real MNIST, in a temp dir.
 
-Three runs on one pipeline root and metadata store, as a user would make them:
+The `runs` fixture (conftest.py) makes three runs on one pipeline root and metadata store:
   1. smoke preset: every component runs; the model is NOT blessed at 0.4 % and nothing is pushed;
   2. the same command again: every component is served from cache;
   3. a bar the smoke model passes: only Evaluator (and Pusher) run again; BLESSED and pushed.
@@ -9,58 +9,22 @@ Three runs on one pipeline root and metadata store, as a user would make them:
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
 import tensorflow_transform as tft
-from ml_metadata.metadata_store import metadata_store
-from tfx import v1 as tfx
 
-from data import mnist
 from models import serving
-from pipeline import configs, summary
+from pipeline import configs
 from pipeline.evaluation import ACCURACY
 
 pytestmark = pytest.mark.e2e
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = configs.PRESETS["smoke"]
 ALL_NODES = {"MnistExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
              "AnomaliesGate", "Transform", "Trainer", "latest_blessed_model_resolver",
              "Evaluator", "Pusher"}
-
-
-def run_local(out_dir, *flags):
-    """python local_runner.py --output-dir OUT ...; returns stdout, asserting exit code 0."""
-    proc = subprocess.run(
-        [sys.executable, "local_runner.py", "--output-dir", str(out_dir), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, mnist_cache_dir):
-    out = tmp_path_factory.mktemp("smoke")
-    flags = ["--preset", "smoke", "--data-cache-dir", mnist_cache_dir]
-    first = run_local(out, *flags)
-    first_nodes = latest_nodes(out)
-    serving_after_first = sorted(os.listdir(out / "serving_model")) \
-        if (out / "serving_model").exists() else []
-    second = run_local(out, *flags)
-    second_nodes = latest_nodes(out)
-    third = run_local(out, *flags, "--max-test-error", "1.0")
-    return {"out": out, "stdout": [first, second, third], "serving_after_first": serving_after_first,
-            "nodes": [first_nodes, second_nodes, latest_nodes(out)]}
-
-
-def latest_nodes(out):
-    config = tfx.orchestration.metadata.sqlite_metadata_connection_config(
-        str(out / "metadata.sqlite"))
-    return summary.latest_run(metadata_store.MetadataStore(config), configs.PIPELINE_NAME)
 
 
 def count_records(pattern):
@@ -183,7 +147,7 @@ def test_passing_bar_blesses_and_pushes_a_versioned_model(runs):
     assert nodes["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 1
     pushed = nodes["Pusher"].outputs["pushed_model"].custom_properties
     assert pushed["pushed"].int_value == 1
-    versions = os.listdir(runs["out"] / "serving_model")
+    versions = runs["serving_after_third"]
     assert len(versions) == 1 and versions[0].isdigit()
     destination = str(runs["out"] / "serving_model" / versions[0])
     assert pushed["pushed_destination"].string_value == destination

@@ -1,0 +1,401 @@
+"""The logic behind notebooks/model_analysis.ipynb and capsule_pictures.ipynb, importable and tested.
+
+Everything starts from ML Metadata, as TFX's own tools do: the latest Evaluator (or Trainer)
+execution that wrote under a pipeline root gives the TFMA output, the blessing, the model it judged
+and the examples it read. Cached executions count: TFX records them with the outputs they reused.
+
+  open_store(pipeline_root, metadata_path)       the SQLite store of a local run
+  latest_execution(store, pipeline_root, 'Evaluator')   -> ComponentRun (inputs, outputs)
+  overall / validation_table / per_digit / confusion_matrix   read the TFMA output
+  misclassified(model, examples)                  the test digits the model gets wrong
+  plot_*                                          static matplotlib figures (render anywhere)
+"""
+
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from models import features
+
+_FIGURE_DPI = 100
+
+
+# --------------------------------------------------------------------------------------------
+# ML Metadata
+# --------------------------------------------------------------------------------------------
+
+def find_repo_root(start: str = ".") -> str:
+    """The checkout holding local_runner.py, from `start` upwards (a notebook runs in notebooks/)."""
+    path = os.path.abspath(start)
+    while not os.path.isfile(os.path.join(path, "local_runner.py")):
+        parent = os.path.dirname(path)
+        if parent == path:
+            raise FileNotFoundError(f"no local_runner.py in {os.path.abspath(start)} or above")
+        path = parent
+    return path
+
+
+def default_metadata_path(pipeline_root: str) -> str:
+    """local_runner.py's layout: <output dir>/pipeline_root beside <output dir>/metadata.sqlite."""
+    return os.path.join(os.path.dirname(os.path.abspath(pipeline_root)), "metadata.sqlite")
+
+
+def open_store(pipeline_root: str, metadata_path: Optional[str] = None):
+    """The ML Metadata store of a local run (SQLite); read-only use, nothing is created."""
+    from ml_metadata.metadata_store import metadata_store
+    from ml_metadata.proto import metadata_store_pb2
+
+    path = metadata_path or default_metadata_path(pipeline_root)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no ML Metadata at {path}; run the pipeline first (make run) or set METADATA_PATH")
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = path
+    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    return metadata_store.MetadataStore(config)
+
+
+@dataclasses.dataclass
+class ComponentRun:
+    """One execution of a component, with its input and output artifacts by key."""
+    execution: object          # metadata_store_pb2.Execution
+    inputs: Dict[str, list]    # key -> [metadata_store_pb2.Artifact]
+    outputs: Dict[str, list]
+
+    @property
+    def cached(self) -> bool:
+        from ml_metadata.proto import metadata_store_pb2
+        return self.execution.last_known_state == metadata_store_pb2.Execution.CACHED
+
+    def output(self, key: str):
+        return self.outputs[key][0]
+
+    def input(self, key: str):
+        return self.inputs[key][0]
+
+
+def _under(uri: str, root: str) -> bool:
+    root = root.rstrip("/")
+    if "://" not in root:
+        root, uri = os.path.abspath(root), os.path.abspath(uri) if "://" not in uri else uri
+    return uri == root or uri.startswith(root + "/")
+
+
+def latest_execution(store, pipeline_root: str, component: str) -> ComponentRun:
+    """The newest successful or cached execution of `component` (its class name, e.g.
+    'Evaluator') whose outputs lie under pipeline_root.
+    """
+    from ml_metadata.proto import metadata_store_pb2
+
+    done = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
+    inputs = (metadata_store_pb2.Event.INPUT, metadata_store_pb2.Event.DECLARED_INPUT)
+    outputs = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+    types = [t.name for t in store.get_execution_types() if t.name.split(".")[-1] == component]
+    executions = sorted((e for t in types for e in store.get_executions_by_type(t)
+                         if e.last_known_state in done), key=lambda e: e.id, reverse=True)
+    for execution in executions:
+        events = store.get_events_by_execution_ids([execution.id])
+        artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
+        run = ComponentRun(execution, {}, {})
+        for event in sorted(events, key=lambda e: (e.path.steps[0].key, e.path.steps[-1].index)):
+            side = run.inputs if event.type in inputs else run.outputs if event.type in outputs \
+                else None
+            if side is not None:
+                side.setdefault(event.path.steps[0].key, []).append(artifacts[event.artifact_id])
+        uris = [a.uri for artifacts_ in run.outputs.values() for a in artifacts_]
+        if uris and all(_under(uri, pipeline_root) for uri in uris):
+            return run
+    raise LookupError(f"no finished {component} execution wrote under {pipeline_root}")
+
+
+def producer(store, artifact) -> ComponentRun:
+    """The execution that first wrote `artifact` (e.g. the Trainer run of a model)."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    events = [e for e in store.get_events_by_artifact_ids([artifact.id])
+              if e.type == metadata_store_pb2.Event.OUTPUT]
+    execution = store.get_executions_by_id([min(e.execution_id for e in events)])[0]
+    run_events = store.get_events_by_execution_ids([execution.id])
+    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in run_events])}
+    run = ComponentRun(execution, {}, {})
+    for event in run_events:
+        side = run.outputs if event.type == metadata_store_pb2.Event.OUTPUT else run.inputs
+        side.setdefault(event.path.steps[0].key, []).append(artifacts[event.artifact_id])
+    return run
+
+
+def serving_model_dir(model) -> str:
+    """The SavedModel dir of a Model artifact (MLMD proto), as TFX's own components find it."""
+    from tfx.types import standard_artifacts
+    from tfx.utils import path_utils
+
+    artifact = standard_artifacts.Model()
+    artifact.set_mlmd_artifact(model)
+    return path_utils.serving_model_path(artifact.uri, path_utils.is_old_model_artifact(artifact))
+
+
+def split_dir(examples, split: str) -> str:
+    """The directory of one split of an Examples artifact (MLMD proto)."""
+    from tfx.types import artifact_utils, standard_artifacts
+
+    artifact = standard_artifacts.Examples()
+    artifact.set_mlmd_artifact(examples)
+    return artifact_utils.get_split_uri([artifact], split)
+
+
+# --------------------------------------------------------------------------------------------
+# TFMA output
+# --------------------------------------------------------------------------------------------
+
+def _slice_metrics(evaluation_uri: str) -> Dict[tuple, Dict[str, float]]:
+    """{slice key as ((column, value), ...): {metric: value}} of the candidate model."""
+    import tensorflow_model_analysis as tfma
+
+    by_slice = {}
+    for metrics in tfma.load_metrics(evaluation_uri):
+        key = tuple((k.column, k.int64_value) for k in metrics.slice_key.single_slice_keys)
+        by_slice[key] = {kv.key.name: kv.value.double_value.value
+                         for kv in metrics.metric_keys_and_values
+                         if kv.key.model_name in ("", "candidate") and not kv.key.is_diff}
+    return by_slice
+
+
+def overall(evaluation_uri: str) -> Dict[str, float]:
+    """Test accuracy, error, example count and number of errors on the whole test split."""
+    from pipeline.evaluation import ACCURACY
+
+    metrics = _slice_metrics(evaluation_uri)[()]
+    count = int(metrics["example_count"])
+    return {"accuracy": metrics[ACCURACY], "error": 1.0 - metrics[ACCURACY],
+            "example_count": count, "errors": round((1.0 - metrics[ACCURACY]) * count)}
+
+
+def validation_table(evaluation_uri: str):
+    """One row per threshold of the evaluation: what it asks, the value, passed or not, by how
+    much (margin = value - bound, negative when failed), and for the accuracy bar the allowed
+    and actual number of misclassified test examples. A pandas DataFrame.
+
+    TFX's Evaluator drops change thresholds when there is no blessed baseline model yet (the first
+    blessed model); a row says so.
+    """
+    import pandas as pd
+    import tensorflow_model_analysis as tfma
+    from tensorflow_model_analysis.writers import eval_config_writer
+
+    eval_config = eval_config_writer.load_eval_run(evaluation_uri)[0]
+    failures = {(f.metric_key.name, f.metric_key.is_diff): f
+                for per_slice in tfma.load_validation_result(evaluation_uri)
+                .metric_validations_per_slice for f in per_slice.failures}
+    total = overall(evaluation_uri)
+    values = _slice_metrics(evaluation_uri)[()]
+    regression = "no regression vs. the latest blessed model"
+    rows, has_change = [], False
+    for spec in eval_config.metrics_specs:
+        for metric in spec.metrics:
+            name = _metric_name(metric.class_name)
+            for per_slice in metric.per_slice_thresholds:
+                threshold = per_slice.threshold
+                if threshold.HasField("value_threshold"):
+                    rows.append(_value_row(name, threshold.value_threshold, values.get(name),
+                                           failures.get((name, False)), total))
+                if threshold.HasField("change_threshold"):
+                    has_change = True
+                    failure = failures.get((name, True))
+                    rows.append({"metric": name, "threshold": regression,
+                                 "value": failure.metric_value.double_value.value
+                                 if failure else None, "passed": failure is None})
+    if not has_change:
+        rows.append({"metric": "", "threshold": f"{regression}: not applied (no blessed "
+                     "baseline model to compare with)", "value": None, "passed": None})
+    return pd.DataFrame(rows)
+
+
+def _metric_name(class_name: str) -> str:
+    import re
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+
+
+def _value_row(name, bounds, value, failure, total) -> dict:
+    if failure is not None:
+        value = failure.metric_value.double_value.value
+    lower = bounds.lower_bound.value if bounds.HasField("lower_bound") else None
+    upper = bounds.upper_bound.value if bounds.HasField("upper_bound") else None
+    margins = ([value - lower] if lower is not None else []) + \
+        ([upper - value] if upper is not None else [])
+    row = {"metric": name,
+           "threshold": " and ".join(([f">= {lower:.6g}"] if lower is not None else []) +
+                                     ([f"<= {upper:.6g}"] if upper is not None else [])),
+           "value": value, "passed": failure is None, "margin": min(margins)}
+    if name == "sparse_categorical_accuracy" and lower is not None:
+        # pipeline.evaluation puts the bound half an example below the allowed error count.
+        row["errors"] = total["errors"]
+        row["allowed_errors"] = round((1.0 - lower) * total["example_count"] - 0.5)
+    return row
+
+
+def per_digit(evaluation_uri: str):
+    """Per-digit slices (the label): example_count, accuracy, error, errors; index = digit."""
+    import pandas as pd
+    from pipeline.evaluation import ACCURACY
+
+    rows = {key[0][1]: m for key, m in _slice_metrics(evaluation_uri).items()
+            if len(key) == 1 and key[0][0] == features.LABEL_KEY}
+    table = pd.DataFrame(
+        [{"digit": d, "example_count": int(m["example_count"]), "accuracy": m[ACCURACY]}
+         for d, m in sorted(rows.items())]).set_index("digit")
+    table["error"] = 1.0 - table["accuracy"]
+    table["errors"] = (table["error"] * table["example_count"]).round().astype(int)
+    return table
+
+
+def confusion_matrix(evaluation_uri: str, n_class: int = features.NUM_CLASSES) -> np.ndarray:
+    """TFMA's MultiClassConfusionMatrixPlot on the overall slice: [true digit, predicted digit]
+    counts (argmax of the scores, as the threshold 0 matrix defines it)."""
+    import tensorflow_model_analysis as tfma
+
+    for plots in tfma.load_plots(evaluation_uri):
+        if plots.slice_key.single_slice_keys:
+            continue
+        for kv in plots.plot_keys_and_values:
+            if kv.key.model_name not in ("", "candidate"):
+                continue
+            matrices = kv.value.multi_class_confusion_matrix_at_thresholds.matrices
+            if not matrices:
+                continue
+            matrix = np.zeros((n_class, n_class + 1), dtype=np.int64)  # last column: no class
+            for entry in matrices[0].entries:
+                matrix[entry.actual_class_id, entry.predicted_class_id] += round(
+                    entry.num_weighted_examples)
+            if matrix[:, -1].any():
+                raise ValueError(f"{matrix[:, -1].sum()} test examples got no predicted class")
+            return matrix[:, :n_class]
+    raise LookupError(f"no multi-class confusion matrix in {evaluation_uri}; "
+                      "the EvalConfig needs MultiClassConfusionMatrixPlot")
+
+
+# --------------------------------------------------------------------------------------------
+# The digits the model gets wrong
+# --------------------------------------------------------------------------------------------
+
+def read_split(examples_dir: str):
+    """(images uint8 [N, 28, 28], labels int [N]) from one split's gzipped TFRecords of raw
+    tf.Examples (as MnistExampleGen wrote them), in file order."""
+    import glob
+
+    import tensorflow as tf
+
+    files = sorted(glob.glob(os.path.join(examples_dir, "*.gz")))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord files in {examples_dir}")
+    images, labels = [], []
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        feature = tf.train.Example.FromString(record.numpy()).features.feature
+        images.append(np.frombuffer(feature[features.IMAGE_KEY].bytes_list.value[0], np.uint8))
+        labels.append(feature[features.LABEL_KEY].int64_list.value[0])
+    side = features.IMAGE_SIZE
+    return np.stack(images).reshape(-1, side, side), np.asarray(labels)
+
+
+def predict(saved_model_dir: str, images: np.ndarray, batch_size: int = 100):
+    """(classes [N], scores [N, 10]) from the SavedModel's serving_images signature."""
+    import tensorflow as tf
+
+    from models import serving
+
+    serve = tf.saved_model.load(saved_model_dir).signatures[serving.IMAGES_SIGNATURE]
+    classes, scores = [], []
+    for start in range(0, len(images), batch_size):
+        out = serve(images=tf.constant(images[start:start + batch_size]))
+        classes.append(out[serving.CLASSES].numpy())
+        scores.append(out[serving.SCORES].numpy())
+    return np.concatenate(classes), np.concatenate(scores)
+
+
+def misclassified(saved_model_dir: str, examples_dir: str) -> dict:
+    """The test digits the model gets wrong: {'index', 'image', 'label', 'predicted', 'score'}
+    arrays (score = the predicted capsule's length), plus 'n' = examples read."""
+    images, labels = read_split(examples_dir)
+    classes, scores = predict(saved_model_dir, images)
+    wrong = np.flatnonzero(classes != labels)
+    return {"index": wrong, "image": images[wrong], "label": labels[wrong],
+            "predicted": classes[wrong], "score": scores[wrong, classes[wrong]], "n": len(labels)}
+
+
+# --------------------------------------------------------------------------------------------
+# Static figures (matplotlib: they render on GitHub and in exported HTML, unlike widgets)
+# --------------------------------------------------------------------------------------------
+
+def plot_per_digit(table, overall_accuracy: float):
+    """Bar chart of per-digit test accuracy, 'errors/examples' on each bar, overall as a line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=_FIGURE_DPI)
+    bars = ax.bar(table.index.astype(str), table["accuracy"], color="tab:blue")
+    ax.axhline(overall_accuracy, color="tab:red", linestyle="--",
+               label=f"overall {overall_accuracy:.2%}")
+    for bar, (_, row) in zip(bars, table.iterrows()):
+        ax.annotate(f"{row['errors']}/{row['example_count']}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set(xlabel="digit (slice: label)", ylabel="test accuracy",
+           ylim=(min(0.0, table["accuracy"].min()), 1.08),
+           title="Test accuracy per digit (errors/examples on each bar)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(matrix: np.ndarray):
+    """Heat map of counts [true, predicted] with the count in every non-empty cell."""
+    import matplotlib.pyplot as plt
+
+    n = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(6, 5.4), dpi=_FIGURE_DPI)
+    image = ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > matrix.max() / 2 else "black")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted digit", ylabel="true digit",
+           title=f"Confusion matrix, {matrix.sum()} test examples")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def plot_digits(images: np.ndarray, titles: Sequence[str], cols: int = 10, max_digits: int = 100):
+    """Grid of up to max_digits images, each with its title (e.g. 'true 4 → 9')."""
+    import matplotlib.pyplot as plt
+
+    n = min(len(images), max_digits)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), dpi=_FIGURE_DPI,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images[:n], titles[:n]):
+        ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_titles(wrong: dict) -> List[str]:
+    return [f"{t} → {p} ({s:.2f})"
+            for t, p, s in zip(wrong["label"], wrong["predicted"], wrong["score"])]
+
+
+# --------------------------------------------------------------------------------------------
+# Capsule pictures
+# --------------------------------------------------------------------------------------------
+
+def reconstruction_distances(images: np.ndarray, labels: np.ndarray, recons: np.ndarray):
+    """(own, others) per image: mean squared pixel error of the reconstruction to its own input,
+    and the mean of it to the inputs of the other digits (labels differ) in the batch."""
+    x = np.asarray(images, "float32").reshape(len(images), -1) / 255.0
+    r = np.asarray(recons, "float32").reshape(len(recons), -1)
+    distances = ((r[:, None, :] - x[None, :, :]) ** 2).mean(-1)  # [recon i, input j]
+    other = np.asarray(labels)[:, None] != np.asarray(labels)[None, :]
+    return np.diag(distances).copy(), (distances * other).sum(1) / other.sum(1)

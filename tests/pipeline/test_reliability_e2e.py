@@ -1,0 +1,176 @@
+"""Bad days, end to end: serving bad requests, the blessing gate, NaN, kill -9, two runners.
+
+Continues from the `runs` fixture's state (conftest.py): the smoke model is blessed (bar 1.0) and
+pushed as the one version in the serving dir. Each scenario is a real local_runner.py process.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from ml_metadata.metadata_store import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+from tfx import v1 as tfx
+
+from pipeline import configs, run_lock
+from tests.pipeline.conftest import REPO, latest_nodes, run_local, serving_versions
+
+pytestmark = pytest.mark.e2e
+UPSTREAM = {"MnistExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
+            "AnomaliesGate", "Transform"}
+
+
+def blessed(nodes) -> bool:
+    return nodes["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 1
+
+
+def pushed(nodes) -> bool:
+    return nodes["Pusher"].outputs["pushed_model"].custom_properties["pushed"].int_value == 1
+
+
+# ---------------------------------------------------------------- serving, on the exported model
+@pytest.fixture(scope="module")
+def serve(runs):
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    return tf.saved_model.load(model_dir).signatures
+
+
+def examples_of(images):
+    return [tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[img.tobytes()]))
+    })).SerializeToString() for img in images]
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+def test_batches_of_1_and_1000_answer(serve, mnist_arrays, n):
+    images = mnist_arrays.x_test[:n]
+    by_images = serve["serving_images"](images=tf.constant(images))
+    by_examples = serve["serving_default"](examples=tf.constant(examples_of(images)))
+    assert by_images["scores"].shape == (n, 10) and by_examples["classes"].shape == (n,)
+    np.testing.assert_array_equal(by_images["classes"], by_examples["classes"])
+
+
+def test_empty_batch_answers_with_empty_outputs(serve):
+    out = serve["serving_images"](images=tf.zeros([0, 28, 28], tf.uint8))
+    assert out["scores"].shape == (0, 10) and out["classes"].shape == (0,)
+    out = serve["serving_default"](examples=tf.constant([], tf.string))
+    assert out["scores"].shape == (0, 10)
+
+
+@pytest.mark.parametrize("images", [
+    np.zeros([2, 28, 28], np.float32),                # float pixels: the signature takes uint8
+    np.full([2, 28, 28], 1.5, np.float32),            # (so out-of-range floats never get in)
+    np.zeros([2, 28, 28], np.int32),
+])
+def test_image_signature_refuses_other_dtypes(serve, images):
+    with pytest.raises((TypeError, ValueError), match="uint8|dtype|Tensor conversion"):
+        serve["serving_images"](images=tf.constant(images))
+
+
+@pytest.mark.parametrize("shape", [(2, 784), (2, 28, 27), (2, 32, 32), (2, 28, 28, 3),
+                                   (28, 28), (1, 2, 28, 28, 1)])
+def test_image_signature_refuses_wrong_shapes(serve, shape):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[N,28,28\] or \[N,28,28,1\]"):
+        serve["serving_images"](images=tf.zeros(shape, tf.uint8))
+
+
+def test_examples_signature_refuses_malformed_requests(serve):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="parse|Could not parse"):
+        serve["serving_default"](examples=tf.constant([b"not a serialized tf.Example"]))
+    no_image = tf.train.Example(features=tf.train.Features(feature={
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[3]))}))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image"):
+        serve["serving_default"](examples=tf.constant([no_image.SerializeToString()]))
+    short = examples_of([np.zeros(100, np.uint8)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="784 bytes"):
+        serve["serving_default"](examples=tf.constant(short))
+
+
+# --------------------------------------------------------------------------- the blessing gate
+def test_reblessing_the_same_model_does_not_push_it_again(runs):
+    out, flags = runs["out"], runs["flags"]
+    before = serving_versions(out)
+    assert len(before) == 1
+    proc = run_local(out, *flags, "--max-test-error", "1.0")
+    nodes = latest_nodes(out)
+    # The Resolver now finds this very model as the latest blessed one, so the Evaluator runs again
+    # (its baseline input changed) and blesses it; the Pusher sees it is already served.
+    assert blessed(nodes) and pushed(nodes)
+    assert nodes["Trainer"].cached
+    assert serving_versions(out) == before
+    assert f"Pushed to: {out / 'serving_model' / before[0]}" in proc.stdout
+
+
+def test_model_passing_the_bar_but_worse_than_the_blessed_one_is_not_pushed(runs):
+    out, flags = runs["out"], runs["flags"]
+    before = serving_versions(out)
+    proc = run_local(out, *flags, "--max-test-error", "1.0", "--epochs", "1",
+                     "--steps-per-epoch", "1")
+    nodes = latest_nodes(out)
+    assert not nodes["Trainer"].cached and nodes["Trainer"].outputs["model"].id != \
+        runs["nodes"][2]["Trainer"].outputs["model"].id
+    assert not blessed(nodes) and not pushed(nodes)
+    assert serving_versions(out) == before
+    assert "FAILED: change threshold" in proc.stdout
+    assert "Pushed: nothing" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------- training
+def test_non_finite_loss_fails_the_run_naming_the_step(runs):
+    out, flags = runs["out"], runs["flags"]
+    before = serving_versions(out)
+    proc = run_local(out, *flags, "--max-test-error", "1.0", "--learning-rate", "1e9",
+                     expect_rc=1)
+    assert re.search(r"NonFiniteLossError: training loss is (nan|inf) at global step \d+ "
+                     r"\(epoch 1, step \d+ of the epoch\)", proc.stderr)
+    assert serving_versions(out) == before
+
+
+# ------------------------------------------------------------------ interruption and concurrency
+def test_killed_during_training_then_rerun_completes_from_cache(runs):
+    out, flags = runs["out"], runs["flags"] + ["--epochs", "1", "--steps-per-epoch", "30"]
+    child = subprocess.Popen(
+        [sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in child.stdout:  # training has started once Keras prints the first epoch
+            if line.startswith("Epoch 1/"):
+                child.send_signal(signal.SIGKILL)
+                break
+    finally:
+        child.wait(timeout=120)
+    assert child.returncode == -signal.SIGKILL
+
+    run_local(out, *flags)
+    nodes = latest_nodes(out)
+    assert UPSTREAM <= {n for n, r in nodes.items() if r.cached}
+    assert not nodes["Trainer"].cached
+    assert nodes["Trainer"].execution.last_known_state == metadata_store_pb2.Execution.COMPLETE
+    # The store is consistent: the killed execution is recorded as never finished, and every
+    # execution of the latest run finished.
+    store = metadata_store.MetadataStore(tfx.orchestration.metadata.sqlite_metadata_connection_config(
+        str(out / "metadata.sqlite")))
+    trainer_runs = store.get_executions_by_context(
+        store.get_context_by_type_and_name("node", f"{configs.PIPELINE_NAME}.Trainer").id)
+    assert [e.last_known_state for e in trainer_runs].count(metadata_store_pb2.Execution.RUNNING) == 1
+    assert all(r.execution.last_known_state in (metadata_store_pb2.Execution.COMPLETE,
+                                                metadata_store_pb2.Execution.CACHED)
+               for r in nodes.values())
+
+
+def test_second_runner_on_the_same_pipeline_root_fails_clearly(runs):
+    out, flags = runs["out"], runs["flags"]
+    executions_before = len(metadata_store.MetadataStore(
+        tfx.orchestration.metadata.sqlite_metadata_connection_config(
+            str(out / "metadata.sqlite"))).get_executions())
+    with run_lock.hold(str(out / "pipeline_root")):  # a first runner, holding the root
+        proc = run_local(out, *flags, expect_rc=1)
+    assert "is in use by another run" in proc.stderr and '"pid"' in proc.stderr
+    after = metadata_store.MetadataStore(tfx.orchestration.metadata.sqlite_metadata_connection_config(
+        str(out / "metadata.sqlite"))).get_executions()
+    assert len(after) == executions_before
