@@ -16,14 +16,18 @@ def normalize_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
       image_bytes: string tensor [B] or [B, 1]; each element holds 784 uint8 pixels, row-major.
 
     Returns:
-      float32 [B, 28, 28, 1], pixel / 255.
+      float32 [B, 28, 28, 1], pixel / 255. Any element that is not exactly 784 bytes fails with an
+      InvalidArgumentError saying so (an empty batch is fine).
     """
-    flat = tf.io.decode_raw(tf.reshape(image_bytes, [-1]), tf.uint8)  # [B, n_bytes]
-    tf.debugging.assert_equal(
-        tf.shape(flat)[1], features.NUM_PIXELS,
-        message=f"each '{features.IMAGE_KEY}' value must hold {features.NUM_PIXELS} bytes "
-                f"({features.IMAGE_SIZE}x{features.IMAGE_SIZE} uint8 pixels)")
-    images = tf.reshape(flat, [-1, features.IMAGE_SIZE, features.IMAGE_SIZE, 1])
+    flat = tf.reshape(image_bytes, [-1])
+    sizes_ok = tf.reduce_all(tf.equal(tf.strings.length(flat), features.NUM_PIXELS))
+    check = tf.debugging.Assert(sizes_ok, [
+        f"each '{features.IMAGE_KEY}' value must hold {features.NUM_PIXELS} bytes "
+        f"({features.IMAGE_SIZE}x{features.IMAGE_SIZE} uint8 pixels); byte counts:",
+        tf.strings.length(flat)])
+    with tf.control_dependencies([check]):
+        pixels = tf.io.decode_raw(flat, tf.uint8, fixed_length=features.NUM_PIXELS)  # [B, 784]
+    images = tf.reshape(pixels, [-1, features.IMAGE_SIZE, features.IMAGE_SIZE, 1])
     return tf.cast(images, tf.float32) / 255.0
 
 

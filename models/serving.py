@@ -33,15 +33,19 @@ _BYTE_STRINGS = [bytes([i]) for i in range(256)]
 
 
 def images_to_raw_bytes(images: tf.Tensor) -> tf.Tensor:
-    """uint8 [N, 28, 28] or [N, 28, 28, 1] -> string [N, 1], each 784 bytes, row-major."""
-    tf.debugging.assert_rank_in(images, [3, 4], message="images must be [N,28,28] or [N,28,28,1]")
+    """uint8 [N, 28, 28] or [N, 28, 28, 1] -> string [N, 1], each 784 bytes, row-major.
+
+    Any other shape fails with an InvalidArgumentError naming the expected shapes and the one given.
+    """
     shape = tf.shape(images)
-    tf.debugging.assert_equal(
-        tf.reduce_prod(shape[1:]), features.NUM_PIXELS,
-        message="images must be [N,28,28] or [N,28,28,1] uint8")
-    tf.debugging.assert_equal(shape[1:3], [features.IMAGE_SIZE, features.IMAGE_SIZE],
-                              message="images must be [N,28,28] or [N,28,28,1] uint8")
-    flat = tf.reshape(images, [shape[0], features.NUM_PIXELS])
+    rank = tf.size(shape)
+    dims = tf.concat([shape, tf.ones([4], tf.int32)], axis=0)[:4]  # [N, H, W, C], C = 1 if absent
+    size = features.IMAGE_SIZE
+    shape_ok = ((rank == 3) | (rank == 4)) & (dims[1] == size) & (dims[2] == size) & (dims[3] == 1)
+    check = tf.debugging.Assert(shape_ok, [
+        f"images must be uint8 [N,{size},{size}] or [N,{size},{size},1]; got shape", shape])
+    with tf.control_dependencies([check]):
+        flat = tf.reshape(images, [dims[0], features.NUM_PIXELS])
     pixels = tf.gather(tf.constant(_BYTE_STRINGS), tf.cast(flat, tf.int32))  # [N, 784] strings
     return tf.strings.reduce_join(pixels, axis=-1, keepdims=True)
 

@@ -1,4 +1,4 @@
-"""The logic behind notebooks/model_analysis.ipynb and capsule_pictures.ipynb, importable and tested.
+"""The logic behind model_analysis.ipynb and capsule_pictures.ipynb, importable and tested.
 
 Everything starts from ML Metadata, as TFX's own tools do: the latest Evaluator (or Trainer)
 execution that wrote under a pipeline root gives the TFMA output, the blessing, the model it judged
@@ -8,6 +8,7 @@ and the examples it read. Cached executions count: TFX records them with the out
   latest_execution(store, pipeline_root, 'Evaluator')   -> ComponentRun (inputs, outputs)
   overall / validation_table / per_digit / confusion_matrix   read the TFMA output
   misclassified(model, examples)                  the test digits the model gets wrong
+  training_curves(model_run)                      the Trainer's per-epoch TensorBoard scalars
   plot_*                                          static matplotlib figures (render anywhere)
 """
 
@@ -25,17 +26,6 @@ _FIGURE_DPI = 100
 # --------------------------------------------------------------------------------------------
 # ML Metadata
 # --------------------------------------------------------------------------------------------
-
-def find_repo_root(start: str = ".") -> str:
-    """The checkout holding local_runner.py, from `start` upwards (a notebook runs in notebooks/)."""
-    path = os.path.abspath(start)
-    while not os.path.isfile(os.path.join(path, "local_runner.py")):
-        parent = os.path.dirname(path)
-        if parent == path:
-            raise FileNotFoundError(f"no local_runner.py in {os.path.abspath(start)} or above")
-        path = parent
-    return path
-
 
 def default_metadata_path(pipeline_root: str) -> str:
     """local_runner.py's layout: <output dir>/pipeline_root beside <output dir>/metadata.sqlite."""
@@ -209,7 +199,11 @@ def validation_table(evaluation_uri: str):
     if not has_change:
         rows.append({"metric": "", "threshold": f"{regression}: not applied (no blessed "
                      "baseline model to compare with)", "value": None, "passed": None})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for column in ("errors", "allowed_errors"):
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 def _metric_name(class_name: str) -> str:
@@ -335,8 +329,8 @@ def plot_per_digit(table, overall_accuracy: float):
     bars = ax.bar(table.index.astype(str), table["accuracy"], color="tab:blue")
     ax.axhline(overall_accuracy, color="tab:red", linestyle="--",
                label=f"overall {overall_accuracy:.2%}")
-    for bar, (_, row) in zip(bars, table.iterrows()):
-        ax.annotate(f"{row['errors']}/{row['example_count']}",
+    for bar, errors, count in zip(bars, table["errors"], table["example_count"]):
+        ax.annotate(f"{errors}/{count}",
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
     ax.set(xlabel="digit (slice: label)", ylabel="test accuracy",
@@ -388,14 +382,81 @@ def misclassified_titles(wrong: dict) -> List[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Training curves, from the Trainer's TensorBoard logs
+# --------------------------------------------------------------------------------------------
+
+CURVES = ("loss", "lengths_loss", "recon_loss", "lengths_accuracy")
+
+
+def training_curves(model_run_uri: str):
+    """The per-epoch scalars Keras' TensorBoard callback wrote under the Trainer's model_run:
+    a DataFrame with columns run ('train' or 'validation'), epoch, metric (e.g. 'loss'), value.
+    Read with TensorFlow's event protos, so it needs no TensorBoard server."""
+    import glob
+
+    import pandas as pd
+    import tensorflow as tf
+
+    rows = []
+    for run in ("train", "validation"):
+        for path in sorted(glob.glob(os.path.join(model_run_uri, run, "events.out.tfevents.*"))):
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if value.tag.startswith("epoch_") and value.HasField("tensor"):
+                        rows.append({"run": run, "epoch": event.step + 1,
+                                     "metric": value.tag[len("epoch_"):],
+                                     "value": float(tf.make_ndarray(value.tensor))})
+    if not rows:
+        raise FileNotFoundError(f"no per-epoch TensorBoard scalars under {model_run_uri}")
+    return pd.DataFrame(rows)
+
+
+def plot_training_curves(curves, metrics: Sequence[str] = CURVES):
+    """One panel per metric, train and validation against the epoch."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), dpi=_FIGURE_DPI,
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for run, points in curves[curves["metric"] == metric].groupby("run"):
+            ax.plot(points["epoch"], points["value"], marker="o", label=run)
+        ax.set(title=metric, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].legend()
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
 # Capsule pictures
 # --------------------------------------------------------------------------------------------
 
 def reconstruction_distances(images: np.ndarray, labels: np.ndarray, recons: np.ndarray):
     """(own, others) per image: mean squared pixel error of the reconstruction to its own input,
-    and the mean of it to the inputs of the other digits (labels differ) in the batch."""
-    x = np.asarray(images, "float32").reshape(len(images), -1) / 255.0
-    r = np.asarray(recons, "float32").reshape(len(recons), -1)
+    and the mean of it over the inputs of the other digits (labels differ) in the batch."""
+    x, r, other = _flat_pixels(images, recons, labels)
     distances = ((r[:, None, :] - x[None, :, :]) ** 2).mean(-1)  # [recon i, input j]
-    other = np.asarray(labels)[:, None] != np.asarray(labels)[None, :]
     return np.diag(distances).copy(), (distances * other).sum(1) / other.sum(1)
+
+
+def reconstruction_similarity(images: np.ndarray, labels: np.ndarray, recons: np.ndarray):
+    """(own, others) per image: cosine similarity of what the reconstruction adds to the batch's
+    mean reconstruction with what its own input adds to the mean input, and the mean of it over
+    the inputs of the other digits. A briefly trained decoder draws mostly the average digit,
+    which buries in the squared error what it draws per capsule; centring shows it.
+    """
+    x, r, other = _flat_pixels(images, recons, labels)
+    x, r = x - x.mean(0), r - r.mean(0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+    r /= np.linalg.norm(r, axis=1, keepdims=True) + 1e-12
+    similarity = r @ x.T  # [recon i, input j]
+    return np.diag(similarity).copy(), (similarity * other).sum(1) / other.sum(1)
+
+
+def _flat_pixels(images, recons, labels):
+    """(inputs [N, 784] in [0, 1], reconstructions [N, 784], other-digit mask [N, N])."""
+    x = np.asarray(images, "float64").reshape(len(images), -1) / 255.0
+    r = np.asarray(recons, "float64").reshape(len(recons), -1)
+    labels = np.asarray(labels)
+    return x, r, labels[:, None] != labels[None, :]

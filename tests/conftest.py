@@ -1,8 +1,54 @@
-"""Shared fixtures: the real MNIST, verified once per test session."""
+"""Shared fixtures: the real MNIST, verified once per test session, and the smoke pipeline runs
+that the end-to-end tests (tests/pipeline, tests/notebooks) share."""
+
+import os
+import subprocess
+import sys
 
 import pytest
+from ml_metadata.metadata_store import metadata_store
+from tfx import v1 as tfx
 
 from data import mnist
+from pipeline import configs, summary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_local(out_dir, *flags, expect_rc=0):
+    """python local_runner.py --output-dir OUT ...; returns the CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable, "local_runner.py", "--output-dir", str(out_dir), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def latest_nodes(out):
+    """{node id: summary.NodeRun} of the latest run recorded in OUT's metadata store."""
+    config = tfx.orchestration.metadata.sqlite_metadata_connection_config(
+        str(out / "metadata.sqlite"))
+    return summary.latest_run(metadata_store.MetadataStore(config), configs.PIPELINE_NAME)
+
+
+def serving_versions(out):
+    serving = out / "serving_model"
+    return sorted(os.listdir(serving)) if serving.exists() else []
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, mnist_cache_dir):
+    """Three smoke runs on one output dir: as is, the same again, then with a bar it passes."""
+    out = tmp_path_factory.mktemp("smoke")
+    flags = ["--preset", "smoke", "--data-cache-dir", mnist_cache_dir]
+    result = {"out": out, "flags": flags, "stdout": [], "nodes": []}
+    for extra in ([], [], ["--max-test-error", "1.0"]):
+        result["stdout"].append(run_local(out, *flags, *extra).stdout)
+        result["nodes"].append(latest_nodes(out))
+        if len(result["nodes"]) == 1:
+            result["serving_after_first"] = serving_versions(out)
+    result["serving_after_third"] = serving_versions(out)
+    return result
 
 
 @pytest.fixture(scope="session")

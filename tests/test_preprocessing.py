@@ -26,9 +26,15 @@ def test_preprocessing_fn_outputs_image_and_label():
     assert out["label_xf"].numpy().tolist() == [7, 0, 9]
 
 
-def test_normalize_pixels_rejects_wrong_byte_count():
-    with pytest.raises(tf.errors.InvalidArgumentError, match="784 bytes"):
-        preprocessing.normalize_pixels(tf.constant([[b"\x00" * 100]]))
+@pytest.mark.parametrize("values", [[b"\x00" * 100], [b"\x00" * 784, b"\x00" * 785], [b""]])
+def test_normalize_pixels_rejects_wrong_byte_count(values):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must hold 784 bytes"):
+        preprocessing.normalize_pixels(tf.constant([[v] for v in values]))
+
+
+def test_normalize_pixels_accepts_an_empty_batch():
+    images = preprocessing.normalize_pixels(tf.zeros([0, 1], tf.string))
+    assert images.shape == (0, 28, 28, 1)
 
 
 @pytest.mark.parametrize("shape", [(2, 28, 28), (2, 28, 28, 1)])
@@ -42,10 +48,15 @@ def test_images_to_raw_bytes_round_trips(shape):
         images.astype(np.float32) / 255.0)
 
 
-@pytest.mark.parametrize("shape", [(2, 28), (2, 27, 28), (2, 28, 28, 3)])
+@pytest.mark.parametrize("shape", [(2, 784), (2, 27, 28), (2, 28, 28, 3), (28, 28),
+                                   (1, 2, 28, 28, 1), (2,)])
 def test_images_to_raw_bytes_rejects_wrong_shapes(shape):
-    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[N,28,28\] or \[N,28,28,1\]"):
         serving.images_to_raw_bytes(tf.zeros(shape, tf.uint8))
+
+
+def test_images_to_raw_bytes_accepts_an_empty_batch():
+    assert serving.images_to_raw_bytes(tf.zeros([0, 28, 28], tf.uint8)).shape == (0, 1)
 
 
 def test_feature_names():

@@ -21,25 +21,35 @@ LENGTHS = "lengths"
 RECON = "recon"
 
 
-def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient_routing=False):
-    """Builds (train_model, inference_model); see the module docstring for inputs and outputs."""
+def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient_routing=False,
+                  dtype_policy=None):
+    """Builds (train_model, inference_model); see the module docstring for inputs and outputs.
+
+    dtype_policy: None (float32) or a Keras mixed policy, "mixed_float16" / "mixed_bfloat16", for
+    GPUs: variables stay float32, convolutions, u_hat and the decoder compute in 16 bits, while
+    squash, routing, the capsule lengths and the losses compute in float32 (they cast), and the
+    `lengths` output is float32. `compile_capsnet` adds loss scaling for mixed_float16.
+    """
+    dtype = keras.DTypePolicy(dtype_policy) if dtype_policy else None
     image = keras.Input(shape=input_shape, name=IMAGE)
     label = keras.Input(shape=(n_class,), name=LABEL)
 
     x = keras.layers.Conv2D(256, 9, strides=1, padding="valid", activation="relu",
-                            name="conv1")(image)
-    u = PrimaryCaps(n_channels=32, dim=8, kernel_size=9, strides=2, name="primary_caps")(x)
+                            name="conv1", dtype=dtype)(image)
+    u = PrimaryCaps(n_channels=32, dim=8, kernel_size=9, strides=2, name="primary_caps",
+                    dtype=dtype)(x)
     v = DigitCaps(n_caps=n_class, dim=16, routings=routings,
-                  stop_gradient_routing=stop_gradient_routing, name="digit_caps")(u)
-    lengths = Length(name=LENGTHS)(v)
+                  stop_gradient_routing=stop_gradient_routing, name="digit_caps", dtype=dtype)(u)
+    lengths = Length(name=LENGTHS)(v)  # float32 policy: the lengths feed the margin loss
 
     # One decoder object, called on both masks, so both models share its weights.
     decoder = keras.Sequential(
         [
             keras.Input(shape=(n_class * 16,)),
-            keras.layers.Dense(512, activation="relu", name="fc1"),
-            keras.layers.Dense(1024, activation="relu", name="fc2"),
-            keras.layers.Dense(math.prod(input_shape), activation="sigmoid", name="fc3"),
+            keras.layers.Dense(512, activation="relu", name="fc1", dtype=dtype),
+            keras.layers.Dense(1024, activation="relu", name="fc2", dtype=dtype),
+            keras.layers.Dense(math.prod(input_shape), activation="sigmoid", name="fc3",
+                               dtype=dtype),
         ],
         name="decoder")
     # Identity layers only give the outputs their key as layer name (model.output_names).

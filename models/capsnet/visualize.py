@@ -80,7 +80,8 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 def digit_capsules(model: keras.Model, images: np.ndarray) -> np.ndarray:
     """The DigitCaps output v for uint8 images: [N, 10, 16]."""
     capsules = keras.Model(model.input, model.get_layer(CAPSULES_LAYER).output)
-    return keras.ops.convert_to_numpy(capsules(to_model_input(images), training=False))
+    v = capsules(to_model_input(images), training=False)
+    return keras.ops.convert_to_numpy(v).astype("float32")  # float16 under a mixed policy
 
 
 def decode(model: keras.Model, capsules: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -156,33 +157,39 @@ def save_png(picture: np.ndarray, path: str, scale: int = 1) -> str:
 # The pictures of a trained model
 # --------------------------------------------------------------------------------------------
 
-def pick_example(model: keras.Model, images: np.ndarray, labels: np.ndarray, digit: int) -> int:
-    """Index of the first image of `digit` that the model classifies right (else the first one)."""
-    indices = np.flatnonzero(np.asarray(labels) == digit)
-    if len(indices) == 0:
-        raise ValueError(f"no test image of digit {digit}")
-    candidates = indices[:100]
-    capsules = digit_capsules(model, images[candidates])
-    right = np.argmax(np.sum(np.square(capsules), axis=-1), axis=-1) == digit
-    return int(candidates[np.argmax(right)] if right.any() else candidates[0])
+def pick_examples(labels: np.ndarray, predicted: np.ndarray, digits) -> dict:
+    """{digit: index of its first image that was predicted right (else its first image)}."""
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    picked = {}
+    for digit in digits:
+        indices = np.flatnonzero(labels == digit)
+        if len(indices) == 0:
+            raise ValueError(f"no image of digit {digit} among the {len(labels)} searched")
+        right = indices[predicted[indices] == digit]
+        picked[digit] = int(right[0] if len(right) else indices[0])
+    return picked
 
 
 def write_pictures(model: keras.Model, images: np.ndarray, labels: np.ndarray, out_dir: str,
-                   n: int = 50, digits=tuple(range(10)), scale: int = 2) -> dict:
-    """Writes real_and_recon.png (the first n images) and manipulate-<d>.png for each digit.
+                   n: int = 50, digits=tuple(range(10)), scale: int = 2,
+                   search: int = 200) -> dict:
+    """Writes real_and_recon.png (the first n images) and manipulate-<d>.png for each digit,
+    from the first image of d among the first `search` that the model classifies right.
 
     Returns {'real_and_recon': path, 'manipulate': {digit: path}, 'examples': {digit: index}}.
     """
-    _, recons = reconstruct(model, images[:n])
+    seen = max(n, search)
+    capsules = digit_capsules(model, images[:seen])
+    predicted = np.argmax(np.sum(np.square(capsules), axis=-1), axis=-1)
+    recons = decode(model, capsules[:n], predicted[:n])
     written = {"real_and_recon": save_png(real_and_reconstructed(images[:n], recons),
                                           os.path.join(out_dir, "real_and_recon.png"), scale),
-               "manipulate": {}, "examples": {}}
-    for digit in digits:
-        index = pick_example(model, images, labels, digit)
+               "manipulate": {},
+               "examples": pick_examples(labels[:seen], predicted, digits)}
+    for digit, index in written["examples"].items():
         _, pictures = manipulate(model, images[index])
         written["manipulate"][digit] = save_png(
             tile(pictures), os.path.join(out_dir, f"manipulate-{digit}.png"), scale)
-        written["examples"][digit] = index
     return written
 
 

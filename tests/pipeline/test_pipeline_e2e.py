@@ -1,6 +1,6 @@
 """End to end: the smoke preset through local_runner.py, on real MNIST, in a temp dir.
 
-The `runs` fixture (conftest.py) makes three runs on one pipeline root and metadata store:
+The `runs` fixture (tests/conftest.py) makes three runs on one pipeline root and metadata store:
   1. smoke preset: every component runs; the model is NOT blessed at 0.4 % and nothing is pushed;
   2. the same command again: every component is served from cache;
   3. a bar the smoke model passes: only Evaluator (and Pusher) run again; BLESSED and pushed.

@@ -31,7 +31,8 @@ def test_reconstructions_are_the_models_own(model, images):
     classes, recons = visualize.reconstruct(model, images)
     out = model(visualize.to_model_input(images), training=False)
     assert recons.shape == (4, 28, 28) and classes.shape == (4,)
-    np.testing.assert_array_equal(classes, np.argmax(keras.ops.convert_to_numpy(out["lengths"]), -1))
+    lengths = keras.ops.convert_to_numpy(out["lengths"])
+    np.testing.assert_array_equal(classes, np.argmax(lengths, axis=-1))
     np.testing.assert_allclose(recons.reshape(4, -1), keras.ops.convert_to_numpy(out["recon"]),
                                atol=1e-5)
 
@@ -123,3 +124,12 @@ def test_cli_help_explains_every_flag(capsys):
     for flag in ("--model", "--out", "--n", "--digits", "--scale", "--data-cache-dir"):
         assert flag in help_text
     assert "default 50" in help_text and "default 2" in help_text
+
+
+def test_examples_are_the_first_right_ones():
+    labels = np.array([3, 8, 3, 8, 3])
+    predicted = np.array([5, 8, 3, 1, 3])
+    assert visualize.pick_examples(labels, predicted, [3, 8]) == {3: 2, 8: 1}
+    assert visualize.pick_examples(labels, np.zeros(5, int), [3]) == {3: 0}  # none right
+    with pytest.raises(ValueError, match="no image of digit 7"):
+        visualize.pick_examples(labels, predicted, [7])

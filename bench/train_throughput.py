@@ -1,0 +1,320 @@
+"""Throughput of what the Trainer and the serving signature really run, on the real MNIST.
+
+  python -m bench.train_throughput --mode train [--steps 10] [--warmup 3] [--batch 100]
+      The Trainer's training step: `models.trainer.build_models` (the same MirroredStrategy, model,
+      losses and Adam as run_fn) fed by `models.trainer.make_dataset` (tfxio parsing of transformed
+      tf.Examples, ±max_shift px random shifts, batching, prefetch) through Keras `fit`, with the
+      Trainer's NaN guard. The transformed examples are the first --examples MNIST training images
+      written as Transform writes them (gzipped TFRecords, image_xf float [28,28,1], label_xf).
+  python -m bench.train_throughput --mode input
+      The same dataset, iterated alone: the input pipeline's ceiling.
+  python -m bench.train_throughput --mode serve [--model DIR]
+      The exported `serving_images` signature (uint8 pixels -> Transform graph -> CapsNet) on
+      batches of MNIST test images. DIR is a Trainer's `Format-Serving` dir or a pushed version;
+      without --model an untrained CapsNet is exported first, with a Transform graph built from
+      `models.preprocessing.preprocessing_fn` by tf.Transform on Beam (about 20 s more).
+
+Each run does --warmup untimed steps (tracing, buffers), then --steps timed ones, and prints ONE
+JSON line on stdout: images_per_s (timed images / timed wall time), ms per step (mean, median,
+min), batch, device, TF/Keras versions, model FLOPs per image and the GFLOP/s they imply. The
+machine is shared and timings swing: compare runs taken alternately, and quote medians.
+
+Flags that must act before TensorFlow starts (the script imports TF only after parsing them):
+  --cpu-replicas N   N logical CPU devices, so MirroredStrategy trains N replicas on the CPU
+  --allocator bfc    TF's BFC allocator for CPU memory (TF_CPU_ALLOCATOR_USE_BFC=true); see
+                     docs/results.md for why this matters on this machine
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+MODES = ("train", "input", "serve")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=MODES, default="train", help="what to time (default: train)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first; at least 1, the first step traces (default: 3)")
+    p.add_argument("--batch", type=int, default=100, help="global batch size (default: 100)")
+    p.add_argument("--examples", type=int, default=5000,
+                   help="train/input: distinct MNIST training images in the dataset, repeated "
+                        "(default: 5000)")
+    p.add_argument("--max-shift", type=int, default=2,
+                   help="train/input: random shift of up to ±px, as the recipe (default: 2)")
+    p.add_argument("--routings", type=int, default=3, help="routing iterations (default: 3)")
+    p.add_argument("--mixed-precision", default=None,
+                   help="train: a Keras dtype policy such as mixed_float16 or mixed_bfloat16, "
+                        "applied as the Trainer does: on GPUs only (default: none, float32)")
+    p.add_argument("--model", help="serve: exported SavedModel dir (default: export a fresh, "
+                                   "untrained model with a tf.Transform graph to a temp dir)")
+    p.add_argument("--cpu-replicas", type=int, default=0,
+                   help="split the CPU into N logical devices before TF starts (default: off)")
+    p.add_argument("--allocator", choices=("default", "bfc"), default="default",
+                   help="TF's CPU allocator (default: TF's default)")
+    p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
+    p.add_argument("--data-cache-dir", help="MNIST cache dir, as local_runner.py --data-cache-dir")
+    args = p.parse_args(argv)
+    for name in ("steps", "warmup", "batch", "examples", "routings"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.max_shift < 14:
+        p.error("--max-shift must be in [0, 14)")
+    if args.cpu_replicas < 0:
+        p.error("--cpu-replicas must be >= 0")
+    if args.model and args.mode != "serve":
+        p.error("--model is for --mode serve")
+    return args
+
+
+# --------------------------------------------------------------------------------- model FLOPs
+
+def capsnet_flops_per_image(routings=3):
+    """FLOPs (2 x multiply-adds) per 28x28 image, capsnet-spec.md section 11.
+
+    forward   conv1 + PrimaryCaps + u_hat + routing (routings weighted sums, routings - 1
+              agreements) + decoder = 406.4 MFLOP at 3 routings
+    serve     forward without the decoder (the signatures return the lengths only)
+    train     3 x forward, less conv1's input gradient (never needed) = 1.20 GFLOP
+    """
+    conv1 = 20 * 20 * 256 * (9 * 9 * 1)
+    primary = 6 * 6 * 256 * (9 * 9 * 256)
+    u_hat = 1152 * 160 * 8
+    routing = (2 * routings - 1) * 1152 * 160
+    decoder = 160 * 512 + 512 * 1024 + 1024 * 784
+    forward = conv1 + primary + u_hat + routing + decoder
+    return {"forward": 2 * forward, "serve": 2 * (forward - decoder),
+            "train": 2 * (3 * forward - conv1)}
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def device_description():
+    import tensorflow as tf
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        names = [l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+        flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
+        extras = [x for x in ("avx512f", "avx2", "fma") if f" {x}" in flags]
+        cpu += f" ({', '.join(extras)})" if extras else ""
+    except OSError:
+        pass
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    desc = f"CPU {cpu} x{os.cpu_count()}"
+    return desc + (f" + GPU {', '.join(gpus)}" if gpus else "")
+
+
+def write_transformed_examples(images, labels, path):
+    """float [n,28,28] in [0,1] + labels -> one gzipped TFRecord of tf.Examples as Transform
+    writes them: image_xf float_list (784 values), label_xf int64_list (1 value)."""
+    import tensorflow as tf
+    from models import features
+    image_key = features.transformed_name(features.IMAGE_KEY)
+    label_key = features.transformed_name(features.LABEL_KEY)
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for image, label in zip(images, labels):
+            example = tf.train.Example(features=tf.train.Features(feature={
+                image_key: tf.train.Feature(float_list=tf.train.FloatList(value=image.ravel())),
+                label_key: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+            }))
+            writer.write(example.SerializeToString())
+
+
+def transformed_schema():
+    """The schema Transform writes for its outputs (transformed_metadata/schema.pbtxt)."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from models import features
+    return text_format.Parse(f"""
+        feature {{ name: "{features.transformed_name(features.IMAGE_KEY)}" type: FLOAT
+                  presence {{ min_fraction: 1.0 }}
+                  shape {{ dim {{ size: 28 }} dim {{ size: 28 }} dim {{ size: 1 }} }} }}
+        feature {{ name: "{features.transformed_name(features.LABEL_KEY)}" type: INT
+                  presence {{ min_fraction: 1.0 }} shape {{ }} }}
+    """, schema_pb2.Schema())
+
+
+def trainer_dataset(args, mnist, work_dir, train=True):
+    """models.trainer.make_dataset over transformed examples of the first --examples images, read
+    through tfxio exactly as the Trainer's DataAccessor does."""
+    import types
+    from tfx_bsl.public import tfxio
+    from models import trainer
+    n = min(args.examples, len(mnist.x_train))
+    path = os.path.join(work_dir, "transformed_examples-00000-of-00001.gz")
+    write_transformed_examples(mnist.x_train[:n].astype("float32") / 255.0, mnist.y_train[:n], path)
+    accessor = types.SimpleNamespace(
+        tf_dataset_factory=lambda pattern, options, schema:
+            tfxio.TFExampleRecord(pattern, schema=schema).TensorFlowDataset(options))
+    return trainer.make_dataset(path, accessor, transformed_schema(), args.batch, train=train,
+                                max_shift=args.max_shift)
+
+
+class Clock:
+    """Marks step ends: wall time, and this process's CPU time (all threads, user + system)."""
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    def mark(self):
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def summary(self, batch, first=0):
+        """Timing of the steps between mark `first` and the last mark."""
+        wall, cpu = self.wall[first:], self.cpu[first:]
+        steps = len(wall) - 1
+        ms = [(b - a) * 1000.0 for a, b in zip(wall, wall[1:])]
+        return {
+            "images_per_s": round(batch * steps / (wall[-1] - wall[0]), 2),
+            "ms_per_step": round(sum(ms) / steps, 1),
+            "ms_per_step_median": round(statistics.median(ms), 1),
+            "ms_per_step_min": round(min(ms), 1),
+            # CPU seconds per step: on a shared machine, far steadier than wall time.
+            "cpu_ms_per_step": round((cpu[-1] - cpu[0]) * 1000.0 / steps, 1),
+        }
+
+
+# --------------------------------------------------------------------------------------- modes
+
+def bench_train(args, mnist, work_dir):
+    import keras
+    from models import trainer
+
+    dataset = trainer_dataset(args, mnist, work_dir)
+    config = trainer.TrainConfig(epochs=1, batch_size=args.batch, learning_rate=1e-3,
+                                 lr_decay=0.9, max_shift=args.max_shift, routings=args.routings,
+                                 mixed_precision=args.mixed_precision)
+    strategy, train_model, _ = trainer.build_models(config)
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.clock, self.losses = Clock(), []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.losses.append(float(logs["loss"]))  # syncs: the step has finished
+            self.clock.mark()
+
+    timer = StepTimer()
+    train_model.fit(dataset, epochs=1, steps_per_epoch=args.warmup + args.steps, verbose=0,
+                    callbacks=[trainer.StopOnNonFiniteLoss(), timer])
+    result = timer.clock.summary(args.batch, first=args.warmup - 1)
+    result.update(replicas=strategy.num_replicas_in_sync,
+                  compute_dtype=train_model.get_layer("digit_caps").compute_dtype,
+                  loss_first=round(timer.losses[0], 5), loss_last=round(timer.losses[-1], 5))
+    return result, capsnet_flops_per_image(args.routings)["train"]
+
+
+def bench_input(args, mnist, work_dir):
+    dataset = trainer_dataset(args, mnist, work_dir)
+    it = iter(dataset)
+    for _ in range(args.warmup):
+        next(it)
+    clock = Clock()
+    clock.mark()
+    for _ in range(args.steps):
+        inputs, _ = next(it)
+        inputs["image"].numpy()
+        clock.mark()
+    return clock.summary(args.batch), None
+
+
+def export_fresh_model(work_dir, routings):
+    """An untrained CapsNet exported by models.serving with a real Transform graph; its dir."""
+    import apache_beam as beam
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_transform.beam as tft_beam
+    import tensorflow_transform as tft
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io, schema_utils
+
+    from models import features, preprocessing, serving
+    from models.capsnet import build_capsnet
+    from pipeline import configs
+
+    raw_spec = {features.IMAGE_KEY: tf.io.FixedLenFeature([1], tf.string),
+                features.LABEL_KEY: tf.io.FixedLenFeature([1], tf.int64)}
+    raw_metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_spec))
+    transform_dir = os.path.join(work_dir, "transform_graph")
+    example = {features.IMAGE_KEY: np.array([bytes(features.NUM_PIXELS)], dtype=object),
+               features.LABEL_KEY: np.array([0], dtype=np.int64)}
+    with beam.Pipeline(options=PipelineOptions(list(configs.LOCAL_BEAM_ARGS))) as p:
+        with tft_beam.Context(temp_dir=os.path.join(work_dir, "tft_tmp")):
+            transform_fn = ((p | beam.Create([example]), raw_metadata)
+                            | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn))
+            _ = transform_fn | tft_beam.WriteTransformFn(transform_dir)
+    metadata_io.write_metadata(raw_metadata,
+                               os.path.join(transform_dir, tft.TFTransformOutput.RAW_METADATA_DIR))
+    _, inference_model = build_capsnet(routings=routings)
+    model_dir = os.path.join(work_dir, "serving_model")
+    serving.export_serving_model(inference_model, tft.TFTransformOutput(transform_dir), model_dir)
+    return model_dir
+
+
+def bench_serve(args, mnist, work_dir):
+    import tensorflow as tf
+    from models import serving
+
+    model_dir = args.model or export_fresh_model(work_dir, args.routings)
+    signature = tf.saved_model.load(model_dir).signatures[serving.IMAGES_SIGNATURE]
+    n_batches = max(1, len(mnist.x_test) // args.batch)
+    batches = [tf.constant(mnist.x_test[i * args.batch:(i + 1) * args.batch])
+               for i in range(min(n_batches, args.warmup + args.steps))]
+    for i in range(args.warmup):
+        signature(images=batches[i % len(batches)])[serving.SCORES].numpy()
+    clock = Clock()
+    clock.mark()
+    for i in range(args.steps):
+        signature(images=batches[(args.warmup + i) % len(batches)])[serving.SCORES].numpy()
+        clock.mark()
+    result = clock.summary(args.batch)
+    result.update(model=args.model or "fresh untrained export",
+                  signature=serving.IMAGES_SIGNATURE)
+    return result, capsnet_flops_per_image(args.routings)["serve"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.allocator == "bfc":
+        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    import tensorflow as tf
+    if args.cpu_replicas:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_replicas)
+    import keras
+
+    from data import mnist as mnist_data
+
+    mnist, _ = mnist_data.load(args.data_path, args.data_cache_dir, allow_network=False)
+    bench = {"train": bench_train, "input": bench_input, "serve": bench_serve}[args.mode]
+    with tempfile.TemporaryDirectory(prefix="capsnet_bench_") as work_dir:
+        result, flops = bench(args, mnist, work_dir)
+    out = {"mode": args.mode, **result, "batch": args.batch, "steps": args.steps,
+           "warmup": args.warmup}
+    if flops:
+        out.update(flops_per_image=flops,
+                   gflop_per_s=round(flops * result["images_per_s"] / 1e9, 1))
+    out.update(device=device_description(), tf_version=tf.__version__,
+               keras_version=keras.__version__, keras_backend=keras.backend.backend(),
+               allocator=args.allocator)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
