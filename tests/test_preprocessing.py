@@ -62,3 +62,4 @@ def test_images_to_raw_bytes_accepts_an_empty_batch():
 def test_feature_names():
     assert features.transformed_name(features.IMAGE_KEY) == "image_xf"
     assert features.NUM_PIXELS == 784
+

@@ -101,7 +101,8 @@ def test_copies_every_package_the_compiled_steps_name(dockerfile, kfp_compiled):
             by_name.add(class_path.rsplit(".", 1)[0])
     by_name.add(kfp_compiled.parameter("Trainer", "run_fn").rsplit(".", 1)[0])
     by_name.add(kfp_compiled.parameter("Transform", "preprocessing_fn").rsplit(".", 1)[0])
-    assert by_name == {"components.anomalies_gate", "components.mnist_example_gen",
+    assert by_name == {"components.anomalies_gate", "components.atomic_pusher",
+                       "components.mnist_example_gen",
                        "models.trainer", "models.preprocessing"}
     modules = set()
     for module in by_name:
