@@ -134,13 +134,13 @@ def test_non_finite_loss_fails_the_run_naming_the_step(runs):
 
 # ------------------------------------------------------------------ interruption and concurrency
 def test_killed_during_training_then_rerun_completes_from_cache(runs):
-    out, flags = runs["out"], runs["flags"] + ["--epochs", "1", "--steps-per-epoch", "30"]
+    out, flags = runs["out"], runs["flags"] + ["--epochs", "2", "--steps-per-epoch", "6"]
     child = subprocess.Popen(
         [sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        for line in child.stdout:  # training has started once Keras prints the first epoch
+        for line in child.stdout:  # training has started once Keras prints "Epoch 1/2"
             if "Epoch 1/" in line:
                 child.send_signal(signal.SIGKILL)
                 break
