@@ -40,5 +40,9 @@ COPY models/ models/
 COPY pipeline/ pipeline/
 
 # Keras 3 on TensorFlow is what the exported SavedModel needs (the JAX backend is for dev only).
+# TF's CPU runtime as local_runner.py sets it (pipeline/tf_runtime.py: TF_CPU_ENV, ~10 % faster
+# training on CPUs; no effect on GPU kernels).
 ENV PYTHONPATH=/pipeline \
-    KERAS_BACKEND=tensorflow
+    KERAS_BACKEND=tensorflow \
+    TF_ENABLE_ONEDNN_OPTS=0 \
+    TF_CPU_ALLOCATOR_USE_BFC=true

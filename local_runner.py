@@ -55,13 +55,23 @@ def parse_args(argv):
                         "against the latest blessed model")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run every component even if an identical execution exists")
+    p.add_argument("--mixed-precision", choices=[m for m in configs.MIXED_PRECISION_POLICIES if m],
+                   help="train with 16-bit compute on GPUs (squash, routing, lengths and losses "
+                        "stay float32); ignored, and logged so, without a GPU. Default: float32")
+    p.add_argument("--cpu-replicas", type=int, metavar="N",
+                   help="split the CPU into N logical devices so that the Trainer's "
+                        "MirroredStrategy trains N replicas on it (CPU-only machines; slower "
+                        "than 1 on 2 cores: for checking distributed training). Default: off")
     args = p.parse_args(argv)
+    if args.cpu_replicas is not None and args.cpu_replicas < 1:
+        p.error(f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
     try:
         config = configs.preset(args.preset, epochs=args.epochs,
                                 steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                                 data_fraction=args.data_fraction,
                                 learning_rate=args.learning_rate,
-                                max_test_error=args.max_test_error)
+                                max_test_error=args.max_test_error,
+                                mixed_precision=args.mixed_precision)
     except ValueError as e:
         p.error(str(e))
     args.pipeline_root = args.pipeline_root or os.path.join(args.output_dir, "pipeline_root")
@@ -89,6 +99,11 @@ def path_problem(pipeline_root: str, metadata_path: str, serving_dir: str):
 
 def main(argv=None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    from pipeline import tf_runtime  # first, before TFX or TensorFlow loads: only then they act
+
+    tf_runtime.apply_cpu_env()
+    if args.cpu_replicas:
+        tf_runtime.configure_cpu_replicas(args.cpu_replicas)
     # Component progress (absl: "Component X is finished") and the data source; not Beam's chatter.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for name in ("absl", "data.mnist"):

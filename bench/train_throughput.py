@@ -8,6 +8,9 @@
       written as Transform writes them (gzipped TFRecords, image_xf float [28,28,1], label_xf).
   python -m bench.train_throughput --mode input
       The same dataset, iterated alone: the input pipeline's ceiling.
+  python -m bench.train_throughput --mode digitcaps
+      DigitCaps alone (u_hat + dynamic routing), forward and backward, on random capsules:
+      the part of the step this project's layout work targets.
   python -m bench.train_throughput --mode serve [--model DIR]
       The exported `serving_images` signature (uint8 pixels -> Transform graph -> CapsNet) on
       batches of MNIST test images. DIR is a Trainer's `Format-Serving` dir or a pushed version;
@@ -21,8 +24,8 @@ machine is shared and timings swing: compare runs taken alternately, and quote m
 
 Flags that must act before TensorFlow starts (the script imports TF only after parsing them):
   --cpu-replicas N   N logical CPU devices, so MirroredStrategy trains N replicas on the CPU
-  --allocator bfc    TF's BFC allocator for CPU memory (TF_CPU_ALLOCATOR_USE_BFC=true); see
-                     docs/results.md for why this matters on this machine
+  --tf-defaults      TensorFlow's default CPU runtime, instead of pipeline.tf_runtime.TF_CPU_ENV
+                     (what local_runner.py runs with); see docs/results.md
 """
 
 import argparse
@@ -34,7 +37,7 @@ import sys
 import tempfile
 import time
 
-MODES = ("train", "input", "serve")
+MODES = ("train", "input", "serve", "digitcaps")
 
 
 def parse_args(argv):
@@ -58,8 +61,9 @@ def parse_args(argv):
                                    "untrained model with a tf.Transform graph to a temp dir)")
     p.add_argument("--cpu-replicas", type=int, default=0,
                    help="split the CPU into N logical devices before TF starts (default: off)")
-    p.add_argument("--allocator", choices=("default", "bfc"), default="default",
-                   help="TF's CPU allocator (default: TF's default)")
+    p.add_argument("--tf-defaults", action="store_true",
+                   help="TensorFlow's default CPU runtime (default: local_runner.py's, "
+                        "pipeline.tf_runtime.TF_CPU_ENV)")
     p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
     p.add_argument("--data-cache-dir", help="MNIST cache dir, as local_runner.py --data-cache-dir")
     args = p.parse_args(argv)
@@ -103,7 +107,8 @@ def device_description():
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
-        names = [l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")]
         cpu = names[0] if names else cpu
         flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
         extras = [x for x in ("avx512f", "avx2", "fma") if f" {x}" in flags]
@@ -231,6 +236,36 @@ def bench_input(args, mnist, work_dir):
     return clock.summary(args.batch), None
 
 
+def bench_digitcaps(args, mnist, work_dir):
+    import numpy as np
+    import tensorflow as tf
+    from models.capsnet.layers import DigitCaps, squash
+
+    rng = np.random.default_rng(0)
+    u = tf.constant(squash(rng.normal(size=(args.batch, 1152, 8)).astype("float32")))
+    probe = tf.constant(rng.normal(size=(args.batch, 10, 16)).astype("float32"))
+    layer = DigitCaps(routings=args.routings)
+    layer.build(u.shape)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(u)
+            loss = tf.reduce_sum(layer(u) * probe)
+        return tape.gradient(loss, [u, layer.kernel.value])
+
+    for _ in range(args.warmup):
+        step()[0].numpy()
+    clock = Clock()
+    clock.mark()
+    for _ in range(args.steps):
+        step()[0].numpy()
+        clock.mark()
+    # u_hat and routing (spec section 11), forward and backward (x3)
+    per_image = 3 * 2 * (1152 * 160 * 8 + (2 * args.routings - 1) * 1152 * 160)
+    return clock.summary(args.batch), per_image
+
+
 def export_fresh_model(work_dir, routings):
     """An untrained CapsNet exported by models.serving with a real Transform graph; its dir."""
     import apache_beam as beam
@@ -289,19 +324,20 @@ def bench_serve(args, mnist, work_dir):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.allocator == "bfc":
-        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
-    import tensorflow as tf
+    from pipeline import tf_runtime  # before TensorFlow loads
+
+    if not args.tf_defaults:
+        tf_runtime.apply_cpu_env()
     if args.cpu_replicas:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_replicas)
+        tf_runtime.configure_cpu_replicas(args.cpu_replicas)
     import keras
+    import tensorflow as tf
 
     from data import mnist as mnist_data
 
     mnist, _ = mnist_data.load(args.data_path, args.data_cache_dir, allow_network=False)
-    bench = {"train": bench_train, "input": bench_input, "serve": bench_serve}[args.mode]
+    bench = {"train": bench_train, "input": bench_input, "serve": bench_serve,
+             "digitcaps": bench_digitcaps}[args.mode]
     with tempfile.TemporaryDirectory(prefix="capsnet_bench_") as work_dir:
         result, flops = bench(args, mnist, work_dir)
     out = {"mode": args.mode, **result, "batch": args.batch, "steps": args.steps,
@@ -311,7 +347,7 @@ def main(argv=None) -> int:
                    gflop_per_s=round(flops * result["images_per_s"] / 1e9, 1))
     out.update(device=device_description(), tf_version=tf.__version__,
                keras_version=keras.__version__, keras_backend=keras.backend.backend(),
-               allocator=args.allocator)
+               tf_env={key: os.environ.get(key) for key in tf_runtime.TF_CPU_ENV})
     print(json.dumps(out), flush=True)
     return 0
 

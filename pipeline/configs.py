@@ -15,6 +15,9 @@ PIPELINE_NAME = "capsnet_mnist"
 # the seed project's 0.34 % mean; 0.4 % is this product's promise).
 MAX_TEST_ERROR = 0.004
 
+# Keras dtype policies the Trainer accepts for mixed precision (GPUs only; None = float32).
+MIXED_PRECISION_POLICIES = (None, "mixed_float16", "mixed_bfloat16")
+
 # Beam on the local machine: in-process. (multi_processing was 3.6x slower on 2 cores.)
 LOCAL_BEAM_ARGS = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
 
@@ -32,6 +35,9 @@ class RunConfig:
     max_shift        random integer shift of the training images, ±px, zero fill
     routings         dynamic-routing iterations
     max_test_error   the blessing bar on the test split
+    mixed_precision  None (float32) or a Keras mixed policy, "mixed_float16" / "mixed_bfloat16":
+                     16-bit compute on GPUs (squash, lengths, losses stay float32); the Trainer
+                     ignores it, and logs so, when it sees no GPU
     """
     data_fraction: float = 1.0
     valid_size: int = 5000
@@ -43,6 +49,7 @@ class RunConfig:
     max_shift: int = 2
     routings: int = 3
     max_test_error: float = MAX_TEST_ERROR
+    mixed_precision: str | None = None
 
     def __post_init__(self):
         _check(0.0 < self.data_fraction <= 1.0, "data_fraction", "in (0, 1]", self.data_fraction)
@@ -55,6 +62,8 @@ class RunConfig:
         _check(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]", self.lr_decay)
         _check(0 <= self.max_shift < 14, "max_shift", "in [0, 14)", self.max_shift)
         _check(0 <= self.max_test_error <= 1, "max_test_error", "in [0, 1]", self.max_test_error)
+        _check(self.mixed_precision in MIXED_PRECISION_POLICIES, "mixed_precision",
+               f"one of {MIXED_PRECISION_POLICIES}", self.mixed_precision)
 
     def split_sizes(self) -> dict:
         """Examples per split: {'train': ..., 'valid': ..., 'test': ...}."""
@@ -67,7 +76,8 @@ class RunConfig:
         """The recipe as the Trainer's custom_config (read by models.trainer.TrainConfig)."""
         return {"epochs": self.epochs, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate, "lr_decay": self.lr_decay,
-                "max_shift": self.max_shift, "routings": self.routings}
+                "max_shift": self.max_shift, "routings": self.routings,
+                "mixed_precision": self.mixed_precision}
 
 
 def _check(ok: bool, name: str, expected: str, got) -> None:

@@ -13,6 +13,7 @@ Modules:
   layers  squash, safe_length, PrimaryCaps, DigitCaps (+ dynamic_routing), Length, Mask
   losses  margin_loss, reconstruction_loss, RECON_WEIGHT
   model   build_capsnet -> (train_model, inference_model), compile_capsnet
+  train   the standalone trainer: `python -m models.capsnet.train` (any backend, no TFX)
 """
 
 import keras

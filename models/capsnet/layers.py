@@ -63,46 +63,93 @@ def dynamic_routing(u_hat, routings=3, stop_gradient=False):
     XifengGuo/CapsNet-Pytorch). The forward value is the same either way.
 
     Returns (v [B, N_out, D], c [B, N_in, N_out]) where c are the couplings of the last pass.
-    Computed in float32, in the parent-major layout of `_route_forward`, with the hand-written
-    gradient of `_route_backward` (same values as differentiating the loop above).
+    Computed in float32 by `_route_forward`, differentiated by `_route_backward` (the same values
+    as differentiating the loop above; see "Routing internals").
     """
     if routings < 1:
         raise ValueError(f"routings must be >= 1, got {routings}")
     u_hat = ops.cast(u_hat, "float32")
+    _, n_in, n_out, dim = u_hat.shape
+    n_chunks, size, pad = _chunking(n_in)
 
     @ops.custom_gradient
     def route(u_hat):
-        uh = ops.transpose(u_hat, (0, 2, 1, 3))  # [B, N_out, N_in, D]
-        v, c, saved = _route_forward(uh, routings)
-        c = ops.ones_like(u_hat[..., 0]) / u_hat.shape[2] if c is None else ops.transpose(
-            c, (0, 2, 1))
+        # Chunks of children, parent-major: [n_chunks, B, N_out, size, D] (zero-padded children
+        # add nothing to any sum; their couplings are dropped).
+        x = ops.pad(u_hat, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else u_hat
+        x = ops.reshape(x, (-1, n_chunks, size, n_out, dim))
+        chunks = ops.transpose(x, (1, 0, 3, 2, 4))
+        v, c, saved = _route_forward(lambda chunk: chunk, chunks, n_out, routings)
+        c = _unchunk_couplings(c, v, n_in)
 
         def grad(*args, upstream=None):
             g_v, g_c = _upstream(args, upstream, 2)
             if g_c is not None:
-                g_c = ops.transpose(g_c, (0, 2, 1))
-            d_uh = _route_backward(uh, saved, g_v, g_c, stop_gradient)
-            return ops.transpose(d_uh, (0, 2, 1, 3))
+                g_c = _chunk_couplings(ops.transpose(g_c, (0, 2, 1)), n_chunks, size, pad)
+            coefs, vecs, g_s1 = _route_backward(lambda chunk: chunk, chunks, saved, g_v, g_c,
+                                                stop_gradient)
+            if g_s1 is not None:  # pass 1: c = 1/N_out for every child
+                coefs.append(ops.ones_like(chunks[..., 0]) / n_out)
+                vecs.append(g_s1)
+            coef = ops.stack(coefs, axis=3)  # [n_chunks, B, N_out, K, size]
+            vec = ops.stack(vecs, axis=2)  # [B, N_out, K, D]
+            d = ops.matmul(ops.transpose(coef, (0, 1, 2, 4, 3)), vec)  # [n, B, N_out, size, D]
+            d = ops.reshape(ops.transpose(d, (1, 0, 3, 2, 4)), (-1, n_chunks * size, n_out, dim))
+            return d[:, :n_in] if pad else d
 
-        return (v, c), grad
+        return (v, ops.transpose(c, (0, 2, 1))), grad
 
     return route(u_hat)
 
 
 # --------------------------------------------------------------------------------------------
-# Routing internals: parent-major layout, hand-written backward
+# Routing internals: parent-major chunks of u_hat, recomputed, hand-written backward
 # --------------------------------------------------------------------------------------------
 #
-# Why not just autodiff the loop: at batch 100, u_hat is 1152 x 160 floats per example, 74 MB.
-# Every op that WRITES a tensor of that size costs ~30-80 ms on a 2-core CPU (TF's allocator
-# hands out fresh pages), reading one costs ~10 ms; the FLOPs are negligible. Einsum on the
-# spec's layout [B, N_in, N_out, D] transposes u_hat for every product and its gradient, and the
-# autodiff backward writes one u_hat-sized gradient per pass plus their sum (~15 writes a step).
-# Here u_hat is written once in the parent-major layout [B, N_out, N_in, D], where every routing
-# product is a batched matrix-vector product over contiguous [N_in, D] blocks (reads only), and
-# the backward gathers all 2 * routings - 1 contributions to d u_hat as ONE batched matmul of
-# small factors. Equivalence with the plain formulation (values and gradients) is tested in
-# tests/models/capsnet/test_routing_equivalence.py.
+# Why: at batch 100, u_hat is 1152 x 160 floats per example, 74 MB, while routing's FLOPs are
+# tiny. On a 2-core CPU the cost is memory traffic, and above all WRITING big tensors (TF's
+# allocator hands out fresh pages: ~1 ms per MB written, ~0.15 ms per MB read). Einsum on the
+# spec's layout [B, N_in, N_out, D] transposes u_hat for every product and its gradient, and
+# autodiff writes one u_hat-sized gradient per pass plus their sum: ~15 such writes a step.
+# Here:
+#   * DigitCaps never materialises u_hat whole. A loop (ops.map) over chunks of ROUTING_CHUNK
+#     children produces each chunk in the parent-major layout [B, N_out, n, D], where every
+#     routing product is a batched matrix-vector product over contiguous [n, D] blocks, and
+#     recomputes it (one small batched matmul) whenever a pass needs it: a chunk (2.3 MB at
+#     batch 100) dies young, stays in cache and its memory is reused. Being a loop, not
+#     unrolled, it keeps the graph small (fast tracing and export).
+#   * the backward is written out (`_route_backward`): the 2 * routings - 1 contributions to
+#     d u_hat are gathered per chunk as ONE batched matmul of small factors.
+#   * DigitCaps' first pass (uniform couplings) needs no u_hat at all: sum_i W_ij u_i is one
+#     dense matmul, and so are its gradients (`predict_and_route`).
+# Equivalence with the plain formulation (values and gradients, same weights and inputs) is
+# tested in tests/models/capsnet/test_routing_equivalence.py.
+
+ROUTING_CHUNK = 36  # children per chunk at most: 1152 = 32 x 36
+
+
+def _chunking(n_in):
+    """(n_chunks, size, pad): n_in children as n_chunks equal chunks, padded by `pad`."""
+    n_chunks = -(-n_in // ROUTING_CHUNK)
+    size = -(-n_in // n_chunks)
+    return n_chunks, size, n_chunks * size - n_in
+
+
+def _chunk_couplings(c, n_chunks, size, pad):
+    """Couplings-shaped [B, N_out, N_in] -> [n_chunks, B, N_out, size] (zero-padded)."""
+    if pad:
+        c = ops.pad(c, ((0, 0), (0, 0), (0, pad)))
+    return ops.transpose(ops.reshape(c, (-1, c.shape[1], n_chunks, size)), (2, 0, 1, 3))
+
+
+def _unchunk_couplings(c, v, n_in):
+    """[n_chunks, B, N_out, size] (or None: pass 1's uniform 1/N_out) -> [B, N_out, N_in]."""
+    if c is None:
+        return ops.ones_like(v[..., :1]) * ops.ones((n_in,), dtype=v.dtype) / v.shape[1]
+    n_chunks, _, n_out, size = c.shape
+    c = ops.reshape(ops.transpose(c, (1, 2, 0, 3)), (-1, n_out, n_chunks * size))
+    return c[:, :, :n_in]
+
 
 def _squash_parts(s, eps=SQUASH_EPS):
     """(squash(s), what its vector-Jacobian product needs); float32 s [..., D], squash's formula.
@@ -124,84 +171,96 @@ def _squash_vjp(parts, g):
 
 
 def _weighted_sum(c, uh):
-    """s_j = sum_i c_ji uh_ji: c [B, J, I], uh [B, J, I, D] -> [B, J, D] (batched vec-mat)."""
+    """s_j = sum_i c_ji uh_ji: c [B, J, n], uh [B, J, n, D] -> [B, J, D] (batched vec-mat)."""
     return ops.squeeze(ops.matmul(ops.expand_dims(c, 2), uh), 2)
 
 
 def _agreement(uh, v):
-    """<uh_ji, v_j>: uh [B, J, I, D], v [B, J, D] -> [B, J, I] (batched mat-vec)."""
+    """<uh_ji, v_j>: uh [B, J, n, D], v [B, J, D] -> [B, J, n] (batched mat-vec)."""
     return ops.squeeze(ops.matmul(uh, ops.expand_dims(v, -1)), -1)
 
 
-def _route_forward(uh, routings):
-    """Procedure 1 on uh [B, J, I, D] (parent-major, float32).
+def _over_chunks(fn, xs):
+    """ops.map over the chunk axis; fn's first output is a partial sum, added up here."""
+    partial, rest = ops.map(fn, xs)
+    return ops.sum(partial, axis=0), rest
 
-    Returns (v [B, J, D], c [B, J, I] of the last pass or None when routings == 1 (uniform),
-    saved tensors for `_route_backward`).
+
+def _route_forward(make, chunks, n_out, routings, first_sum=None):
+    """Procedure 1 over u_hat in chunks: make(chunks[k]) -> [B, N_out, size, D] float32.
+
+    chunks: a tensor or tuple of tensors with the chunk index as their first axis.
+    first_sum: sum_i u_hat_ji [B, N_out, D] when the caller has it cheaper; else summed.
+    Returns (v [B, N_out, D], last couplings [n_chunks, B, N_out, size] or None when
+    routings == 1 (uniform), saved tensors for `_route_backward`).
     """
-    n_out = uh.shape[1]
+    if first_sum is None:
+        first_sum = ops.sum(ops.map(lambda x: ops.sum(make(x), axis=2), chunks), axis=0)
     # Pass 1: b = 0 gives c = 1/N_out exactly, so s_j = sum_i uh_ji / N_out (no softmax).
-    v, parts = _squash_parts(ops.sum(uh, axis=2) / n_out)
-    squashed, couplings, outputs = [parts], [], [v]
-    logits = None
+    v, parts = _squash_parts(first_sum / n_out)
+    squashed, outputs, couplings = [parts], [v], []
+    logits = None  # [n_chunks, B, N_out, size]
     for _ in range(1, routings):
-        agreement = _agreement(uh, v)
-        logits = agreement if logits is None else logits + agreement
-        c = ops.softmax(logits, axis=1)  # over the parents j
-        v, parts = _squash_parts(_weighted_sum(c, uh))
+        def step(inputs, v=v, first=logits is None):
+            x, previous = (inputs, None) if first else inputs
+            uh = make(x)
+            agreement = _agreement(uh, v)
+            b = agreement if first else previous + agreement
+            c = ops.softmax(b, axis=1)  # over the parents
+            return _weighted_sum(c, uh), (b, c)
+
+        s, (logits, c) = _over_chunks(step, chunks if logits is None else (chunks, logits))
+        v, parts = _squash_parts(s)
         squashed.append(parts)
-        couplings.append(c)
         outputs.append(v)
-    return v, (couplings[-1] if couplings else None), (squashed, couplings, outputs)
+        couplings.append(c)
+    return v, (couplings[-1] if couplings else None), (squashed, outputs, couplings)
 
 
-def _route_backward(uh, saved, g_v, g_c=None, stop_gradient=False):
-    """d loss / d uh [B, J, I, D] from g_v = d loss / d v [B, J, D] (and g_c on the last c).
+def _route_backward(make, chunks, saved, g_v, g_c=None, stop_gradient=False):
+    """Factors of d loss / d u_hat from g_v = d loss / d v [B, N_out, D] (and g_c
+    [n_chunks, B, N_out, size] on the last couplings):
+        d u_hat (chunk k) = sum_m coefs[m][k] (x) vecs[m]  (+ 1/N_out (x) g_s1 for pass 1).
 
-    Every path from uh to the loss passes through a weighted sum s_r = sum_i c_r uh (gradient
-    c_r (x) g_s_r) or an agreement a_r = <uh, v_r> (gradient g_a_r (x) v_r), so
-        d uh_ji = sum_k coef_k[j, i] vec_k[j]
-    over the 2 * routings - 1 such terms: one batched matmul [I, K] x [K, D] per (example, j).
-    Walking the passes backwards: g_s_r = squash'(s_r) g_v_r; g_c_r = <uh, g_s_r>;
-    g_b_r = softmax'(c_r) g_c_r; the logits of pass r sum a_1 .. a_(r-1), so
-    g_a_(r-1) = g_b_r + ... + g_b_R; and g_v_(r-1) = sum_i g_a_(r-1) uh.
-    stop_gradient: only the last weighted sum (c_R (x) g_s_R) reaches uh; c carries no gradient.
+    Every path from u_hat to the loss goes through a weighted sum s_r = sum_i c_r uh (gradient
+    c_r (x) g_s_r) or an agreement a_r = <uh, v_r> (gradient g_a_r (x) v_r). Walking the passes
+    backwards: g_s_r = squash'(s_r) g_v_r; g_c_r = <uh, g_s_r>; g_b_r = softmax'(c_r) g_c_r;
+    the logits of pass r sum a_1 .. a_(r-1), so g_a_(r-1) = g_b_r + ... + g_b_R; and
+    g_v_(r-1) = sum_i g_a_(r-1) uh. stop_gradient: only c_R (x) g_s_R; c carries no gradient.
+
+    Returns (coefs: list of [n_chunks, B, N_out, size], vecs: list of [B, N_out, D],
+    g_s1: pass 1's vector, or None when pass 1 gets no gradient).
     """
-    squashed, couplings, outputs = saved
+    squashed, outputs, couplings = saved
     routings = len(squashed)
-    n_out = uh.shape[1]
-    coefs, vecs = [], []
     g_s = _squash_vjp(squashed[-1], g_v)
     if routings == 1:
-        coefs.append(None)  # the uniform 1 / N_out of pass 1
-        vecs.append(g_s)
-    elif stop_gradient:
-        coefs.append(couplings[-1])
-        vecs.append(g_s)
-    else:
-        g_logits = None  # g_b_r + ... + g_b_R
-        for r in range(routings - 1, 0, -1):  # 0-based pass r has couplings[r - 1]
-            c = couplings[r - 1]
-            coefs.append(c)
-            vecs.append(g_s)
+        return [], [], g_s
+    if stop_gradient:
+        return [couplings[-1]], [g_s], None
+    coefs, vecs = [], []
+    g_logits = None  # g_b_r + ... + g_b_R, [n_chunks, B, N_out, size]
+    for r in range(routings - 1, 0, -1):  # 0-based pass r, couplings[r - 1]
+        extra = g_c if r == routings - 1 else None
+
+        def step(inputs, g_s=g_s, has_sum=g_logits is not None, has_extra=extra is not None):
+            x, c, *rest = inputs
+            g_sum = rest.pop(0) if has_sum else None
+            uh = make(x)
             g_c_r = _agreement(uh, g_s)
-            if r == routings - 1 and g_c is not None:
-                g_c_r = g_c_r + g_c
+            if has_extra:
+                g_c_r = g_c_r + rest.pop(0)
             g_b = c * (g_c_r - ops.sum(c * g_c_r, axis=1, keepdims=True))
-            g_logits = g_b if g_logits is None else g_logits + g_b
-            coefs.append(g_logits)  # a_(r-1) = <uh, v_(r-1)>
-            vecs.append(outputs[r - 1])
-            g_s = _squash_vjp(squashed[r - 1], _weighted_sum(g_logits, uh))
-            if r > 1:
-                continue
-            coefs.append(None)  # pass 1
-            vecs.append(g_s)
-    uniform = None
-    if any(c is None for c in coefs):
-        uniform = ops.ones_like(uh[..., 0]) / n_out
-    coef = ops.stack([uniform if c is None else c for c in coefs], axis=2)  # [B, J, K, I]
-    vec = ops.stack(vecs, axis=2)  # [B, J, K, D]
-    return ops.matmul(ops.transpose(coef, (0, 1, 3, 2)), vec)
+            g_sum = g_b if g_sum is None else g_sum + g_b
+            return _weighted_sum(g_sum, uh), g_sum
+
+        inputs = (chunks, couplings[r - 1], *([g_logits] if g_logits is not None else []),
+                  *([extra] if extra is not None else []))
+        g_v_prev, g_logits = _over_chunks(step, inputs)
+        coefs += [couplings[r - 1], g_logits]
+        vecs += [g_s, outputs[r - 1]]
+        g_s = _squash_vjp(squashed[r - 1], g_v_prev)
+    return coefs, vecs, g_s
 
 
 def _upstream(args, upstream, n_outputs):
@@ -215,43 +274,75 @@ def _upstream(args, upstream, n_outputs):
 
 def predict_and_route(u, kernel, n_caps, dim, routings=3, stop_gradient=False,
                       return_couplings=False):
-    """DigitCaps' whole computation, u [B, N_in, D_in] and kernel [N_in, D_in, n_caps * dim] ->
+    """DigitCaps' whole computation: u [B, N_in, D_in], kernel [N_in, D_in, n_caps * dim] ->
     v [B, n_caps, dim] (and the last couplings c [B, N_in, n_caps] if return_couplings).
 
-    Equal to dynamic_routing(einsum('bid,idk->bik', u, kernel) reshaped, ...), computed so that
-    u_hat is written once, straight into the parent-major layout: one batched matmul over the
-    N_in capsules ([N_in, B, D_in] x [N_in, D_in, n_caps * dim]) and one transpose. The backward
-    writes d u_hat once (`_route_backward`), transposes it back and gets d u and d kernel from
-    two batched matmuls over N_in. u_hat is cast to float32 for routing; the gradients come back
-    in the dtypes of u and kernel.
+    Equal to dynamic_routing(einsum('bid,idk->bik', u, kernel) reshaped, ...). A chunk of u_hat
+    is one batched matmul over its children ([n, B, D_in] x [n, D_in, n_caps * dim]) and a
+    transpose into the parent-major layout. Pass 1 is the dense matmul
+    u [B, N_in * D_in] x kernel [N_in * D_in, n_caps * dim]. The backward turns each chunk's
+    d u_hat into d u and d kernel with two batched matmuls over its children. u_hat is cast to
+    float32 for routing; the gradients come back in the dtypes of u and kernel.
     """
     if routings < 1:
         raise ValueError(f"routings must be >= 1, got {routings}")
-    n_in = kernel.shape[0]
+    n_in, d_in = kernel.shape[0], kernel.shape[1]
+    n_chunks, size, pad = _chunking(n_in)
+
+    def make(x):  # one chunk of u_hat: [B, n_caps, size, dim] float32
+        u_c, kernel_c = x  # [size, B, D_in], [size, D_in, n_caps * dim]
+        y = ops.transpose(ops.reshape(ops.matmul(u_c, kernel_c), (size, -1, dim)), (1, 0, 2))
+        return ops.cast(ops.reshape(y, (-1, n_caps, size, dim)), "float32")
 
     @ops.custom_gradient
     def fused(u, kernel):
-        u_t = ops.transpose(u, (1, 0, 2))  # [N_in, B, D_in]
-        uh = ops.matmul(u_t, kernel)  # [N_in, B, n_caps * dim]
-        uh = ops.transpose(ops.reshape(uh, (n_in, -1, dim)), (1, 0, 2))  # [B * n_caps, N_in, dim]
-        uh = ops.cast(ops.reshape(uh, (-1, n_caps, n_in, dim)), "float32")
-        v, c, saved = _route_forward(uh, routings)
-        if return_couplings and c is None:
-            c = ops.ones_like(uh[..., 0]) / n_caps
+        dtype = u.dtype
+        u_flat = ops.reshape(u, (-1, n_in * d_in))
+        kernel_flat = ops.reshape(kernel, (n_in * d_in, n_caps * dim))
+        u_t, kernel_p = ops.transpose(u, (1, 0, 2)), kernel  # [N_in, B, D_in]
+        if pad:  # zero children: u_hat = 0, they add nothing
+            u_t = ops.pad(u_t, ((0, pad), (0, 0), (0, 0)))
+            kernel_p = ops.pad(kernel, ((0, pad), (0, 0), (0, 0)))
+        chunks = (ops.reshape(u_t, (n_chunks, size, -1, d_in)),
+                  ops.reshape(kernel_p, (n_chunks, size, d_in, n_caps * dim)))
+        first_sum = ops.reshape(ops.cast(ops.matmul(u_flat, kernel_flat), "float32"),
+                                (-1, n_caps, dim))
+        v, c, saved = _route_forward(make, chunks, n_caps, routings, first_sum)
 
         def grad(*args, upstream=None):
             if return_couplings:
                 g_v, g_c = _upstream(args, upstream, 2)
+                g_c = None if g_c is None else _chunk_couplings(g_c, n_chunks, size, pad)
             else:
                 (g_v,), g_c = _upstream(args, upstream, 1), None
-            d_uh = ops.cast(_route_backward(uh, saved, g_v, g_c, stop_gradient), u.dtype)
-            d_uh = ops.transpose(ops.reshape(d_uh, (-1, n_in, dim)), (1, 0, 2))
-            d_uh = ops.reshape(d_uh, (n_in, -1, n_caps * dim))  # [N_in, B, n_caps * dim]
-            d_u = ops.matmul(d_uh, ops.transpose(kernel, (0, 2, 1)))  # [N_in, B, D_in]
-            d_kernel = ops.matmul(ops.transpose(u_t, (0, 2, 1)), d_uh)
-            return ops.transpose(d_u, (1, 0, 2)), d_kernel
+            coefs, vecs, g_s1 = _route_backward(make, chunks, saved, g_v, g_c, stop_gradient)
+            d_u = d_kernel = None
+            if coefs:
+                vec = ops.stack(vecs, axis=2)  # [B, n_caps, K, dim]
 
-        return ((v, c) if return_couplings else v), grad
+                def chunk_grads(inputs):
+                    (u_c, kernel_c), coef = inputs  # coef [B, n_caps, K, size]
+                    d_uh = ops.cast(ops.matmul(ops.transpose(coef, (0, 1, 3, 2)), vec), dtype)
+                    d_uh = ops.transpose(ops.reshape(d_uh, (-1, size, dim)), (1, 0, 2))
+                    d_uh = ops.reshape(d_uh, (size, -1, n_caps * dim))  # [size, B, n_caps*dim]
+                    return (ops.matmul(d_uh, ops.transpose(kernel_c, (0, 2, 1))),
+                            ops.matmul(ops.transpose(u_c, (0, 2, 1)), d_uh))
+
+                d_u, d_kernel = ops.map(chunk_grads, (chunks, ops.stack(coefs, axis=3)))
+                d_u = ops.reshape(d_u, (n_chunks * size, -1, d_in))[:n_in]
+                d_u = ops.transpose(d_u, (1, 0, 2))
+                d_kernel = ops.reshape(d_kernel, (n_chunks * size, d_in, n_caps * dim))[:n_in]
+            if g_s1 is not None:  # pass 1: s_1 = (u_flat kernel_flat) / n_caps
+                g1 = ops.cast(ops.reshape(g_s1, (-1, n_caps * dim)) / n_caps, dtype)
+                d_u1 = ops.reshape(ops.matmul(g1, ops.transpose(kernel_flat)), (-1, n_in, d_in))
+                d_k1 = ops.reshape(ops.matmul(ops.transpose(u_flat), g1), kernel.shape)
+                d_u = d_u1 if d_u is None else d_u + d_u1
+                d_kernel = d_k1 if d_kernel is None else d_kernel + d_k1
+            return d_u, d_kernel
+
+        if not return_couplings:
+            return v, grad
+        return (v, _unchunk_couplings(c, v, n_in)), grad
 
     out = fused(u, kernel)
     if return_couplings:

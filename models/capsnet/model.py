@@ -64,14 +64,23 @@ def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient
     return train_model, inference_model
 
 
-def compile_capsnet(train_model, learning_rate=1e-3):
+def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None):
     """Adam; margin loss on lengths + RECON_WEIGHT * per-pixel MSE on recon; accuracy on lengths.
+
+    optimizer: an Adam-equivalent optimizer to use instead of keras.optimizers.Adam(learning_rate)
+    (the Trainer passes a fused implementation of the same update on TensorFlow). A model built
+    with the mixed_float16 policy gets dynamic loss scaling (LossScaleOptimizer), as float16
+    gradients underflow without it; bfloat16 needs none.
 
     Keras names the logged metrics `loss`, `lengths_loss`, `recon_loss`, `lengths_accuracy`
     (and `val_` + each on validation data).
     """
+    optimizer = optimizer or keras.optimizers.Adam(learning_rate=learning_rate)
+    if (train_model.get_layer("conv1").dtype_policy.name == "mixed_float16"
+            and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     train_model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=optimizer,
         loss={LENGTHS: margin_loss, RECON: reconstruction_loss},
         loss_weights={LENGTHS: 1.0, RECON: RECON_WEIGHT},
         metrics={LENGTHS: [keras.metrics.CategoricalAccuracy(name="accuracy")]},

@@ -132,3 +132,15 @@ def test_dockerignore_keeps_everything_the_image_copies():
     for path in kept:
         assert not [p for p in patterns if fnmatch.fnmatch(path, p)], path
     assert ".venv" in patterns and ".git" in patterns
+
+
+def test_image_runs_tensorflow_with_the_local_runners_cpu_settings(dockerfile):
+    """Pods start TensorFlow without local_runner.py: the image's ENV must carry TF_CPU_ENV."""
+    from pipeline import tf_runtime
+
+    env = {}
+    for instruction, arguments in dockerfile:
+        if instruction == "ENV":
+            env.update(pair.split("=", 1) for pair in arguments.split())
+    assert {k: env.get(k) for k in tf_runtime.TF_CPU_ENV} == tf_runtime.TF_CPU_ENV
+    assert env["KERAS_BACKEND"] == "tensorflow"

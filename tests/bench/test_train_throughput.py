@@ -1,0 +1,71 @@
+"""bench.train_throughput runs each mode end to end with one timed step and prints one JSON line.
+No wall-clock assertions: the numbers are only checked for being there and sane."""
+
+import json
+import math
+
+import pytest
+
+from bench import train_throughput
+
+COMMON_KEYS = {"mode", "images_per_s", "ms_per_step", "ms_per_step_median", "ms_per_step_min",
+               "cpu_ms_per_step", "batch", "steps", "warmup", "device", "tf_version",
+               "keras_version", "keras_backend", "tf_env"}
+
+
+def run(capsys, *argv):
+    assert train_throughput.main(list(argv)) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert len(lines) == 1, lines
+    result = json.loads(lines[0])
+    assert COMMON_KEYS <= set(result)
+    assert result["images_per_s"] > 0 and math.isfinite(result["images_per_s"])
+    assert result["steps"] == 1 and result["tf_version"].startswith("2.")
+    return result
+
+
+def test_flops_per_image_match_the_spec():
+    flops = train_throughput.capsnet_flops_per_image(routings=3)
+    assert flops["forward"] == 2 * 203_202_560  # capsnet-spec.md section 11: 203.2 M MAC
+    assert flops["train"] == pytest.approx(1.20e9, rel=0.01)
+    assert flops["serve"] < flops["forward"]
+
+
+def test_train_mode_one_step(capsys, mnist_cache_dir):
+    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch", "16",
+                 "--examples", "64", "--data-cache-dir", mnist_cache_dir)
+    assert result["mode"] == "train" and result["batch"] == 16
+    assert result["replicas"] == 1 and result["compute_dtype"] == "float32"
+    assert result["flops_per_image"] == train_throughput.capsnet_flops_per_image()["train"]
+    assert result["gflop_per_s"] > 0
+    assert 0.5 < result["loss_first"] < 1.5 and math.isfinite(result["loss_last"])
+
+
+def test_input_mode_one_step(capsys, mnist_cache_dir):
+    result = run(capsys, "--mode", "input", "--steps", "1", "--warmup", "1",
+                 "--examples", "300", "--data-cache-dir", mnist_cache_dir)
+    assert result["mode"] == "input" and result["batch"] == 100
+    assert "flops_per_image" not in result
+
+
+def test_serve_mode_one_step_on_a_fresh_export(capsys, mnist_cache_dir):
+    """Without --model, an untrained CapsNet is exported through models.serving with a real
+    tf.Transform graph, then timed through its serving_images signature."""
+    result = run(capsys, "--mode", "serve", "--steps", "1", "--warmup", "1", "--batch", "10",
+                 "--data-cache-dir", mnist_cache_dir)
+    assert result["mode"] == "serve" and result["signature"] == "serving_images"
+    assert result["flops_per_image"] == train_throughput.capsnet_flops_per_image()["serve"]
+
+
+def test_digitcaps_mode_one_step(capsys, mnist_cache_dir):
+    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch", "8",
+                 "--data-cache-dir", mnist_cache_dir)
+    assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"], ["--batch", "0"],
+                                  ["--mode", "train", "--model", "x"], ["--max-shift", "14"]])
+def test_bad_arguments_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as exc:
+        train_throughput.parse_args(argv)
+    assert exc.value.code == 2

@@ -1,0 +1,190 @@
+"""The optimised routing (chunked parent-major u_hat, hand-written backward) against a plain,
+obviously correct formulation written here: same weights, same inputs -> same outputs and the
+same gradients, within float32 tolerance.
+
+The reference is the spec's formulation, differentiated by the backend's autodiff:
+    u_hat = einsum('bid,idk->bik', u, W) reshaped to [B, N_in, N_out, D]
+    b = 0; repeat `routings` times: c = softmax_j(b); s = sum_i c u_hat; v = squash(s);
+    b += <u_hat, v> between passes; stop_gradient: u_hat seen through stop_gradient except in
+    the last weighted sum.
+"""
+
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+
+from models.capsnet import layers
+from models.capsnet.layers import DigitCaps, dynamic_routing, predict_and_route
+
+RNG = np.random.default_rng(7)
+
+
+# ------------------------------------------------------------------------------ the reference
+
+def ref_squash(s):
+    n2 = ops.sum(ops.square(s), axis=-1, keepdims=True)
+    return n2 / (1.0 + n2) / ops.sqrt(n2 + layers.SQUASH_EPS) * s
+
+
+def ref_routing(u_hat, routings, stop_gradient=False):
+    """Procedure 1, literally: (v [B, N_out, D], c [B, N_in, N_out])."""
+    inner = ops.stop_gradient(u_hat) if stop_gradient else u_hat
+    b = ops.zeros_like(u_hat[..., 0])
+    for r in range(routings):
+        last = r == routings - 1
+        c = ops.softmax(b, axis=-1)
+        v = ref_squash(ops.einsum("bij,bijd->bjd", c, u_hat if last else inner))
+        if not last:
+            b = b + ops.einsum("bijd,bjd->bij", inner, v)
+    return v, c
+
+
+def ref_digit_caps(u, kernel, n_caps, dim, routings, stop_gradient=False):
+    u_hat = ops.reshape(ops.einsum("bid,idk->bik", u, kernel),
+                        (-1, kernel.shape[0], n_caps, dim))
+    return ref_routing(u_hat, routings, stop_gradient)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def value_and_grads(fn, *args):
+    """(fn(*args), [d fn / d arg]) as numpy for a scalar fn, on the active Keras backend."""
+    args = [np.asarray(a, dtype="float32") for a in args]
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        xs = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            y = fn(*xs)
+        return np.asarray(y), [np.asarray(g) for g in tape.gradient(y, xs)]
+    if backend == "jax":
+        import jax
+        y, gs = jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+        return np.asarray(y), [np.asarray(g) for g in gs]
+    pytest.skip(f"no gradient helper for backend {backend}")
+
+
+def assert_close(actual, expected, rtol=2e-4, what=""):
+    """Elementwise within rtol of the tensor's own scale (float32 sums of ~10^3 terms)."""
+    actual, expected = np.asarray(actual, "float64"), np.asarray(expected, "float64")
+    assert actual.shape == expected.shape, what
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def probes(*shape):
+    """A random linear functional's weights: the loss sum(w * out) sees every output element."""
+    return RNG.normal(size=shape).astype("float32")
+
+
+# ------------------------------------------------------------------------------------ tests
+
+# (batch, N_in, D_in, N_out, D): MNIST's DigitCaps, and a small one whose N_in is no multiple of
+# the routing chunk (so the last chunk is short).
+SHAPES = [(3, 1152, 8, 10, 16), (2, 2 * layers.ROUTING_CHUNK + 5, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["mnist", "ragged"])
+@pytest.mark.parametrize("routings", [1, 2, 3, 4])
+@pytest.mark.parametrize("stop_gradient", [False, True], ids=["grad", "stopgrad"])
+def test_predict_and_route_matches_reference(shape, routings, stop_gradient):
+    batch, n_in, d_in, n_out, dim = shape
+    u = ops.convert_to_numpy(layers.squash(RNG.normal(size=(batch, n_in, d_in)).astype("float32")))
+    kernel = RNG.normal(scale=0.3, size=(n_in, d_in, n_out * dim)).astype("float32")
+    w_v, w_c = probes(batch, n_out, dim), probes(batch, n_in, n_out)
+
+    def loss(route):
+        def fn(u, kernel):
+            v, c = route(u, kernel)
+            return ops.sum(v * w_v) + ops.sum(c * w_c)
+        return fn
+
+    fast = loss(lambda u, k: predict_and_route(u, k, n_out, dim, routings, stop_gradient,
+                                               return_couplings=True))
+    slow = loss(lambda u, k: ref_digit_caps(u, k, n_out, dim, routings, stop_gradient))
+    y, (du, dk) = value_and_grads(fast, u, kernel)
+    y_ref, (du_ref, dk_ref) = value_and_grads(slow, u, kernel)
+    assert_close(y, y_ref, what="loss")
+    assert_close(du, du_ref, what="d u")
+    assert_close(dk, dk_ref, what="d kernel")
+    assert np.abs(dk_ref).max() > 0 and np.abs(du_ref).max() > 0
+
+    v = ops.convert_to_numpy(predict_and_route(u, kernel, n_out, dim, routings, stop_gradient))
+    v_ref, _ = ref_digit_caps(u, kernel, n_out, dim, routings)
+    assert_close(v, ops.convert_to_numpy(v_ref), rtol=1e-5, what="v")
+
+
+@pytest.mark.parametrize("routings", [1, 3])
+@pytest.mark.parametrize("stop_gradient", [False, True], ids=["grad", "stopgrad"])
+def test_dynamic_routing_matches_reference(routings, stop_gradient):
+    u_hat = RNG.normal(scale=0.2, size=(2, 1152, 10, 16)).astype("float32")
+    w_v, w_c = probes(2, 10, 16), probes(2, 1152, 10)
+
+    def loss(route):
+        def fn(u_hat):
+            v, c = route(u_hat)
+            return ops.sum(v * w_v) + ops.sum(c * w_c)
+        return fn
+
+    y, (g,) = value_and_grads(loss(lambda x: dynamic_routing(x, routings, stop_gradient)), u_hat)
+    y_ref, (g_ref,) = value_and_grads(loss(lambda x: ref_routing(x, routings, stop_gradient)),
+                                      u_hat)
+    assert_close(y, y_ref, what="loss")
+    assert_close(g, g_ref, what="d u_hat")
+
+
+def test_digit_caps_layer_matches_reference_with_its_own_weights():
+    """The layer as the model uses it: call() and route() against the reference on its kernel."""
+    layer = DigitCaps(routings=3)
+    u = ops.convert_to_numpy(layers.squash(RNG.normal(size=(4, 1152, 8)).astype("float32")))
+    v = ops.convert_to_numpy(layer(u))
+    kernel = ops.convert_to_numpy(layer.kernel)
+    v_ref, c_ref = (ops.convert_to_numpy(t) for t in ref_digit_caps(u, kernel, 10, 16, 3))
+    assert_close(v, v_ref, rtol=1e-5, what="call")
+    v2, c = (ops.convert_to_numpy(t) for t in layer.route(u))
+    assert_close(v2, v_ref, rtol=1e-5, what="route v")
+    assert_close(c, c_ref, rtol=1e-5, what="route c")
+
+
+def test_trainable_gradient_reaches_the_kernel_variable():
+    """Through the layer (a variable, not a tensor argument): the kernel's gradient is the
+    reference's, so an optimizer step moves the weights exactly as the spec's formulation would."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("uses tf.GradientTape on the layer's variable")
+    import tensorflow as tf
+    layer = DigitCaps(routings=3)
+    u = ops.convert_to_numpy(layers.squash(RNG.normal(size=(3, 1152, 8)).astype("float32")))
+    w = probes(3, 10, 16)
+    layer.build(u.shape)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(u) * w)
+    (grad,) = tape.gradient(loss, [layer.kernel.value])
+    _, (_, grad_ref) = value_and_grads(
+        lambda u, k: ops.sum(ref_digit_caps(u, k, 10, 16, 3)[0] * w),
+        u, ops.convert_to_numpy(layer.kernel))
+    assert_close(grad, grad_ref, what="d kernel (variable)")
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_edge_batches(batch):
+    u = RNG.normal(size=(batch, 1152, 8)).astype("float32")
+    kernel = RNG.normal(scale=0.05, size=(1152, 8, 160)).astype("float32")
+    v = ops.convert_to_numpy(predict_and_route(u, kernel, 10, 16, 3))
+    assert v.shape == (batch, 10, 16)
+    if batch:
+        v_ref, _ = ref_digit_caps(u, kernel, 10, 16, 3)
+        assert_close(v, ops.convert_to_numpy(v_ref), rtol=1e-5)
+
+
+def test_half_precision_inputs_route_in_float32():
+    """Mixed precision: u_hat may be computed in float16; routing still runs in float32."""
+    u = ops.convert_to_numpy(layers.squash(RNG.normal(size=(2, 1152, 8)).astype("float32")))
+    kernel = RNG.normal(scale=0.05, size=(1152, 8, 160)).astype("float32")
+    v16 = predict_and_route(ops.cast(u, "float16"), ops.cast(kernel, "float16"), 10, 16, 3)
+    assert keras.backend.standardize_dtype(v16.dtype) == "float32"
+    v_ref, _ = ref_digit_caps(u, kernel, 10, 16, 3)
+    v_ref = ops.convert_to_numpy(v_ref)
+    np.testing.assert_allclose(ops.convert_to_numpy(v16), v_ref, atol=2e-3 * np.abs(v_ref).max())
