@@ -172,8 +172,7 @@ def build_models(config: TrainConfig):
     with strategy.scope():
         train_model, inference_model = build_capsnet(
             routings=config.routings, dtype_policy=compute_policy(config.mixed_precision))
-        compile_capsnet(train_model, learning_rate=config.learning_rate,
-                        optimizer=FusedAdam(learning_rate=config.learning_rate))
+        compile_capsnet(train_model, optimizer=FusedAdam(learning_rate=config.learning_rate))
     return strategy, train_model, inference_model
 
 

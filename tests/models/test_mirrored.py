@@ -14,8 +14,8 @@ import pytest
 
 import local_runner
 from models.capsnet import build_capsnet
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join(REPO, "tests", "models", "mirrored_child.py")
 
 

@@ -15,9 +15,7 @@ from data import mnist
 from models.capsnet import build_capsnet
 from models.capsnet.model import LENGTHS, RECON
 from models.capsnet import train as standalone
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
+from tests.conftest import REPO
 
 
 def test_random_shift_moves_each_image_by_at_most_max_shift_with_zero_fill():
