@@ -11,6 +11,10 @@
   python -m bench.train_throughput --mode digitcaps
       DigitCaps alone (u_hat + dynamic routing), forward and backward, on random capsules:
       the part of the step this project's layout work targets.
+  python -m bench.train_throughput --mode primarycaps
+      PrimaryCaps' convolution alone (94 % of the FLOPs), forward and both gradients, on random
+      inputs: `models.capsnet.layers.conv2d_valid` as the model runs it, then (reported under
+      "backend_gradient") the backend's own convolution and autodiff, for comparison.
   python -m bench.train_throughput --mode serve [--model DIR]
       The exported `serving_images` signature (uint8 pixels -> Transform graph -> CapsNet) on
       batches of MNIST test images. DIR is a Trainer's `Format-Serving` dir or a pushed version;
@@ -37,7 +41,7 @@ import sys
 import tempfile
 import time
 
-MODES = ("train", "input", "serve", "digitcaps")
+MODES = ("train", "input", "serve", "digitcaps", "primarycaps")
 
 
 def parse_args(argv):
@@ -89,6 +93,7 @@ def capsnet_flops_per_image(routings=3):
     serve     forward without the decoder (the signatures return the lengths only)
     train     3 x forward, less conv1's input gradient (never needed) = 1.20 GFLOP
     digitcaps u_hat + routing, forward and backward (3 x forward)
+    primarycaps  the PrimaryCaps convolution, forward, input and kernel gradients (3 x forward)
     """
     conv1 = 20 * 20 * 256 * (9 * 9 * 1)
     primary = 6 * 6 * 256 * (9 * 9 * 256)
@@ -97,7 +102,8 @@ def capsnet_flops_per_image(routings=3):
     decoder = 160 * 512 + 512 * 1024 + 1024 * 784
     forward = conv1 + primary + u_hat + routing + decoder
     return {"forward": 2 * forward, "serve": 2 * (forward - decoder),
-            "train": 2 * (3 * forward - conv1), "digitcaps": 2 * 3 * (u_hat + routing)}
+            "train": 2 * (3 * forward - conv1), "digitcaps": 2 * 3 * (u_hat + routing),
+            "primarycaps": 2 * 3 * primary}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -192,6 +198,18 @@ class Clock:
         }
 
 
+def time_steps(step, args):
+    """--warmup untimed calls of step(), then --steps timed ones; Clock.summary of those."""
+    for _ in range(args.warmup):
+        step()[0].numpy()
+    clock = Clock()
+    clock.mark()
+    for _ in range(args.steps):
+        step()[0].numpy()
+        clock.mark()
+    return clock.summary(args.batch)
+
+
 # --------------------------------------------------------------------------------------- modes
 
 def bench_train(args, mnist, work_dir):
@@ -255,14 +273,34 @@ def bench_digitcaps(args, mnist, work_dir):
             loss = tf.reduce_sum(layer(u) * probe)
         return tape.gradient(loss, [u, layer.kernel.value])
 
-    for _ in range(args.warmup):
-        step()[0].numpy()
-    clock = Clock()
-    clock.mark()
-    for _ in range(args.steps):
-        step()[0].numpy()
-        clock.mark()
-    return clock.summary(args.batch), capsnet_flops_per_image(args.routings)["digitcaps"]
+    return time_steps(step, args), capsnet_flops_per_image(args.routings)["digitcaps"]
+
+
+def bench_primarycaps(args, mnist, work_dir):
+    import numpy as np
+    import tensorflow as tf
+    from keras import ops
+    from models.capsnet.layers import conv2d_valid
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(args.batch, 20, 20, 256)).astype("float32"))
+    kernel = tf.constant(rng.normal(scale=0.01, size=(9, 9, 256, 256)).astype("float32"))
+    probe = tf.constant(rng.normal(size=(args.batch, 6, 6, 256)).astype("float32"))
+
+    def gradients(conv):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                loss = tf.reduce_sum(conv(x, kernel) * probe)
+            return tape.gradient(loss, [x, kernel])
+        return step
+
+    result = time_steps(gradients(lambda x, k: conv2d_valid(x, k, 2)), args)
+    backend = time_steps(gradients(lambda x, k: ops.conv(x, k, strides=2)), args)
+    result["backend_gradient"] = {key: backend[key] for key in
+                                  ("images_per_s", "ms_per_step_median", "cpu_ms_per_step")}
+    return result, capsnet_flops_per_image(args.routings)["primarycaps"]
 
 
 def export_fresh_model(work_dir, routings):
@@ -336,7 +374,7 @@ def main(argv=None) -> int:
 
     mnist, _ = mnist_data.load(args.data_path, args.data_cache_dir, allow_network=False)
     bench = {"train": bench_train, "input": bench_input, "serve": bench_serve,
-             "digitcaps": bench_digitcaps}[args.mode]
+             "digitcaps": bench_digitcaps, "primarycaps": bench_primarycaps}[args.mode]
     with tempfile.TemporaryDirectory(prefix="capsnet_bench_") as work_dir:
         result, flops = bench(args, mnist, work_dir)
     out = {"mode": args.mode, **result, "batch": args.batch, "steps": args.steps,

@@ -9,6 +9,7 @@ Shapes for MNIST (B = dynamic batch, never baked into a shape):
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 _PACKAGE = "capsnet"
@@ -123,7 +124,7 @@ def dynamic_routing(u_hat, routings=3, stop_gradient=False):
 #   * DigitCaps' first pass (uniform couplings) needs no u_hat at all: sum_i W_ij u_i is one
 #     dense matmul, and so are its gradients (`predict_and_route`).
 # Equivalence with the plain formulation (values and gradients, same weights and inputs) is
-# tested in tests/models/capsnet/test_routing_equivalence.py.
+# tested in tests/models/capsnet/test_equivalence.py.
 
 ROUTING_CHUNK = 36  # children per chunk at most: 1152 = 32 x 36
 
@@ -263,6 +264,13 @@ def _route_backward(make, chunks, saved, g_v, g_c=None, stop_gradient=False):
     return coefs, vecs, g_s
 
 
+def _read(variable, dtype):
+    """The variable's value as a plain tensor in `dtype`, for functions with a custom gradient:
+    TF's custom_gradient must not see a variable read inside (the gradient reaches the variable
+    through this read instead)."""
+    return ops.copy(ops.cast(variable, dtype))
+
+
 def _upstream(args, upstream, n_outputs):
     """The output gradients handed to an `ops.custom_gradient` grad function, as a list."""
     if upstream is None:
@@ -352,6 +360,84 @@ def predict_and_route(u, kernel, n_caps, dim, routings=3, stop_gradient=False,
 
 
 # --------------------------------------------------------------------------------------------
+# PrimaryCaps' convolution: the backend's forward, a batched-matmul backward
+# --------------------------------------------------------------------------------------------
+#
+# Why: at batch 100, TensorFlow's CPU input gradient of the 9x9 stride-2 PrimaryCaps convolution
+# (Conv2DBackpropInput, which works image by image: a [36, 256] x [256, 9*9*256] matmul and a
+# col2im each) took ~650 ms of a ~1,650 ms training step. The same matmul done ONCE for the whole
+# batch, then a segment sum that adds every patch tap back onto its pixel (col2im), takes ~250 ms;
+# the kernel gradient as a dilated convolution of the input with the output gradient ~320 ms
+# instead of ~360. Same FLOPs, same values (tests/models/capsnet/test_equivalence.py); timed by
+# `python -m bench.train_throughput --mode primarycaps`. Measured only with float32 on TensorFlow's
+# CPU kernels, so elsewhere (GPUs, other backends, 16-bit) the backend's own gradient stays.
+
+
+def matmul_conv_backward_pays(dtype):
+    """True where `conv2d_valid`'s hand-written backward was measured faster than the
+    backend's: float32 on TensorFlow with no GPU visible (cuDNN's gradients are kept on GPUs)."""
+    if (keras.backend.backend() != "tensorflow"
+            or keras.backend.standardize_dtype(dtype) != "float32"):
+        return False
+    return not keras.distribution.list_devices("gpu")
+
+
+def _patch_pixels(height, width, kernel_size, strides):
+    """Flat pixel index (row * width + col) of every patch tap, in the order of a patch matrix:
+    [H' * W' * k * k] int32 for output positions (i, j) and taps (ki, kj), row = strides*i + ki."""
+    out_h, out_w = (height - kernel_size) // strides + 1, (width - kernel_size) // strides + 1
+    taps = np.arange(kernel_size)
+    rows = strides * np.arange(out_h)[:, None, None, None] + taps[None, None, :, None]
+    cols = strides * np.arange(out_w)[None, :, None, None] + taps[None, None, None, :]
+    return (rows * width + cols).reshape(-1).astype("int32")
+
+
+def conv2d_valid(x, kernel, strides):
+    """'valid' convolution, channels last: x [B, H, W, C], kernel [k, k, C, F] ->
+    [B, H', W', F] with H' = (H - k) // strides + 1 (likewise W').
+
+    The forward is ops.conv. Where `matmul_conv_backward_pays`, the backward is written out:
+      d x = col2im(d y [B*H'*W', F] x kernel^T [F, k*k*C]): one matmul, then a segment sum of
+            each patch tap onto its pixel;
+      d kernel = ops.conv(x^T [C, H_used, W_used, B], d y^T [H', W', B, F], dilation = strides),
+            transposed back, where H_used = strides * (H' - 1) + k rows are the ones any patch
+            reads (the others get no gradient).
+    """
+    if not matmul_conv_backward_pays(x.dtype):
+        return ops.conv(x, kernel, strides=strides, padding="valid", data_format="channels_last")
+    k, _, c_in, c_out = kernel.shape
+    height, width = x.shape[1], x.shape[2]
+    pixels = _patch_pixels(height, width, k, strides)
+    used_h = strides * ((height - k) // strides) + k
+    used_w = strides * ((width - k) // strides) + k
+
+    @ops.custom_gradient
+    def conv(x, kernel):
+        y = ops.conv(x, kernel, strides=strides, padding="valid", data_format="channels_last")
+
+        def grad(*args, upstream=None):
+            (g,) = _upstream(args, upstream, 1)  # [B, H', W', F]
+            batch = ops.shape(g)[0]
+            patches = ops.matmul(ops.reshape(g, (-1, c_out)),
+                                 ops.transpose(ops.reshape(kernel, (-1, c_out))))
+            ids = ops.arange(batch, dtype="int32")[:, None] * (height * width) + pixels[None, :]
+            d_x = ops.segment_sum(ops.reshape(patches, (-1, c_in)), ops.reshape(ids, (-1,)),
+                                  num_segments=batch * height * width)
+            d_kernel = ops.cond(  # a convolution over 0 channels (an empty batch) fails
+                batch > 0,
+                lambda: ops.transpose(ops.conv(
+                    ops.transpose(x[:, :used_h, :used_w], (3, 1, 2, 0)),
+                    ops.transpose(g, (1, 2, 0, 3)), dilation_rate=strides,
+                    data_format="channels_last"), (1, 2, 0, 3)),  # [C, k, k, F] -> [k, k, C, F]
+                lambda: ops.zeros_like(kernel))
+            return ops.reshape(d_x, (-1, height, width, c_in)), d_kernel
+
+        return y, grad
+
+    return conv(x, kernel)
+
+
+# --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
 
@@ -401,8 +487,11 @@ class PrimaryCaps(keras.layers.Layer):
         self.n_caps = self._n_caps(input_shape)
 
     def call(self, inputs):
-        x = ops.conv(inputs, self.kernel, strides=self.strides, padding=self.padding,
-                     data_format="channels_last")
+        if self.padding == "valid":
+            x = conv2d_valid(inputs, _read(self.kernel, self.compute_dtype), self.strides)
+        else:
+            x = ops.conv(inputs, self.kernel, strides=self.strides, padding="same",
+                         data_format="channels_last")
         x = x + self.bias
         return squash(ops.reshape(x, (-1, self.n_caps, self.dim)))
 
@@ -460,17 +549,13 @@ class DigitCaps(keras.layers.Layer):
 
     def route(self, inputs):
         """(v [B, n_caps, dim], coupling coefficients c [B, N_in, n_caps]) for capsules `inputs`."""
-        return predict_and_route(inputs, self._kernel_value(), self.n_caps, self.dim,
-                                 self.routings, self.stop_gradient_routing, return_couplings=True)
+        return predict_and_route(inputs, _read(self.kernel, self.compute_dtype), self.n_caps,
+                                 self.dim, self.routings, self.stop_gradient_routing,
+                                 return_couplings=True)
 
     def call(self, inputs):
-        return predict_and_route(inputs, self._kernel_value(), self.n_caps, self.dim,
-                                 self.routings, self.stop_gradient_routing)
-
-    def _kernel_value(self):
-        # A tensor, not the variable: TF's custom_gradient must not see a variable read inside
-        # (its gradient reaches the variable through this read instead).
-        return ops.copy(ops.cast(self.kernel, self.compute_dtype))
+        return predict_and_route(inputs, _read(self.kernel, self.compute_dtype), self.n_caps,
+                                 self.dim, self.routings, self.stop_gradient_routing)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.n_caps, self.dim)

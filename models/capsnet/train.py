@@ -10,8 +10,8 @@ integer shifts of up to ±2 px with zero fill (training only), 3 routing iterati
 epoch the error on the official 10,000 test images, classified by the longest capsule.
 
 With the TensorFlow backend on a CPU, set TensorFlow's CPU runtime as local_runner.py does
-(pipeline/tf_runtime.py; about 10 % faster), in the environment, since it acts only before
-TensorFlow loads:
+(pipeline/tf_runtime.py; about 17 % faster here, docs/results.md), in the environment, since it
+acts only before TensorFlow loads:
   TF_ENABLE_ONEDNN_OPTS=0 TF_CPU_ALLOCATOR_USE_BFC=true python -m models.capsnet.train ...
 
 Writes to --output-dir:

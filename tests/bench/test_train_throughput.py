@@ -63,6 +63,14 @@ def test_digitcaps_mode_one_step(capsys, mnist_cache_dir):
     assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
 
 
+def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cache_dir):
+    result = run(capsys, "--mode", "primarycaps", "--steps", "1", "--warmup", "1", "--batch", "4",
+                 "--data-cache-dir", mnist_cache_dir)
+    assert result["mode"] == "primarycaps" and result["gflop_per_s"] > 0
+    assert result["flops_per_image"] == 3 * 2 * 6 * 6 * 256 * 9 * 9 * 256
+    assert result["backend_gradient"]["images_per_s"] > 0
+
+
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"], ["--batch", "0"],
                                   ["--mode", "train", "--model", "x"], ["--max-shift", "14"]])
 def test_bad_arguments_are_usage_errors(argv):

@@ -1,6 +1,9 @@
-"""The optimised routing (chunked parent-major u_hat, hand-written backward) against a plain,
-obviously correct formulation written here: same weights, same inputs -> same outputs and the
-same gradients, within float32 tolerance.
+"""The optimised layers against plain, obviously correct formulations: same weights, same
+inputs -> same outputs and the same gradients, within float32 tolerance.
+
+DigitCaps: the chunked parent-major routing with its hand-written backward, against the spec's
+formulation written here. PrimaryCaps: `conv2d_valid`'s matmul backward against the backend's own
+convolution gradient.
 
 The reference is the spec's formulation, differentiated by the backend's autodiff:
     u_hat = einsum('bid,idk->bik', u, W) reshaped to [B, N_in, N_out, D]
@@ -16,7 +19,7 @@ import keras
 from keras import ops
 
 from models.capsnet import layers
-from models.capsnet.layers import DigitCaps, dynamic_routing, predict_and_route
+from models.capsnet.layers import DigitCaps, PrimaryCaps, dynamic_routing, predict_and_route
 
 RNG = np.random.default_rng(7)
 
@@ -188,3 +191,62 @@ def test_half_precision_inputs_route_in_float32():
     v_ref, _ = ref_digit_caps(u, kernel, 10, 16, 3)
     v_ref = ops.convert_to_numpy(v_ref)
     np.testing.assert_allclose(ops.convert_to_numpy(v16), v_ref, atol=2e-3 * np.abs(v_ref).max())
+
+
+# --------------------------------------------------- PrimaryCaps' convolution (conv2d_valid)
+
+def require_matmul_backward():
+    """conv2d_valid only differs from ops.conv where its own backward is in use."""
+    if not layers.matmul_conv_backward_pays("float32"):
+        pytest.skip("the backend's own convolution gradient is in use here")
+
+
+# (x shape, kernel size, strides): PrimaryCaps on MNIST; a stride that leaves the last rows and
+# columns unread (they get zero gradient); stride 1; a non-square image.
+CONV_CASES = [((2, 20, 20, 256), 9, 2), ((3, 11, 11, 5), 3, 3), ((2, 7, 7, 4), 3, 1),
+              ((2, 9, 6, 3), 2, 2)]
+
+
+@pytest.mark.parametrize("x_shape, size, strides", CONV_CASES,
+                         ids=["mnist", "unread-edge", "stride1", "non-square"])
+def test_conv2d_valid_matches_the_backend_convolution(x_shape, size, strides):
+    require_matmul_backward()
+    x = RNG.normal(size=x_shape).astype("float32")
+    kernel = RNG.normal(scale=0.05, size=(size, size, x_shape[-1], 7)).astype("float32")
+    out_shape = (x_shape[0], (x_shape[1] - size) // strides + 1,
+                 (x_shape[2] - size) // strides + 1, 7)
+    w = probes(*out_shape)
+
+    y, (dx, dk) = value_and_grads(
+        lambda x, k: ops.sum(layers.conv2d_valid(x, k, strides) * w), x, kernel)
+    y_ref, (dx_ref, dk_ref) = value_and_grads(
+        lambda x, k: ops.sum(ops.conv(x, k, strides=strides, padding="valid") * w), x, kernel)
+    assert_close(y, y_ref, rtol=1e-5, what="loss")
+    assert_close(dx, dx_ref, rtol=1e-5, what="d x")
+    assert_close(dk, dk_ref, rtol=1e-5, what="d kernel")
+    assert np.abs(dx_ref).max() > 0 and np.abs(dk_ref).max() > 0
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_primary_caps_gradient_at_edge_batches(batch):
+    require_matmul_backward()
+    import tensorflow as tf  # require_matmul_backward: TensorFlow is the backend
+    layer = PrimaryCaps(n_channels=4, dim=2, kernel_size=9, strides=2)
+    x = tf.constant(RNG.normal(size=(batch, 20, 20, 3)).astype("float32"))
+    layer.build(x.shape)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(layer(x))
+        loss_ref = tf.reduce_sum(layers.squash(ops.reshape(
+            ops.conv(x, layer.kernel, strides=2) + layer.bias, (-1, 144, 2))))
+    (dx, dk), (dx_ref, dk_ref) = (tape.gradient(f, [x, layer.kernel.value])
+                                  for f in (loss, loss_ref))
+    assert dx.shape == dx_ref.shape == x.shape
+    if batch:
+        assert_close(dx, dx_ref, rtol=1e-5)
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * max(np.abs(dk_ref).max(), 1))
+
+
+def test_matmul_backward_only_for_float32():
+    assert not layers.matmul_conv_backward_pays("float16")
+    assert not layers.matmul_conv_backward_pays("bfloat16")
