@@ -382,10 +382,9 @@ def matmul_conv_backward_pays(dtype):
     return not keras.distribution.list_devices("gpu")
 
 
-def _patch_pixels(height, width, kernel_size, strides):
+def _patch_pixels(out_h, out_w, width, kernel_size, strides):
     """Flat pixel index (row * width + col) of every patch tap, in the order of a patch matrix:
     [H' * W' * k * k] int32 for output positions (i, j) and taps (ki, kj), row = strides*i + ki."""
-    out_h, out_w = (height - kernel_size) // strides + 1, (width - kernel_size) // strides + 1
     taps = np.arange(kernel_size)
     rows = strides * np.arange(out_h)[:, None, None, None] + taps[None, None, :, None]
     cols = strides * np.arange(out_w)[None, :, None, None] + taps[None, None, None, :]
@@ -407,9 +406,9 @@ def conv2d_valid(x, kernel, strides):
         return ops.conv(x, kernel, strides=strides, padding="valid", data_format="channels_last")
     k, _, c_in, c_out = kernel.shape
     height, width = x.shape[1], x.shape[2]
-    pixels = _patch_pixels(height, width, k, strides)
-    used_h = strides * ((height - k) // strides) + k
-    used_w = strides * ((width - k) // strides) + k
+    out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
+    pixels = _patch_pixels(out_h, out_w, width, k, strides)
+    used_h, used_w = strides * (out_h - 1) + k, strides * (out_w - 1) + k
 
     @ops.custom_gradient
     def conv(x, kernel):
