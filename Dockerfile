@@ -39,10 +39,11 @@ COPY data/ data/
 COPY models/ models/
 COPY pipeline/ pipeline/
 
+# TensorFlow's CPU runtime is chosen from each node's CPU when Python starts, before any step
+# loads TensorFlow: sitecustomize.py on PYTHONPATH calls models.capsnet.hardware.apply_tf_env,
+# as local_runner.py does (oneDNN where the CPU has native bf16, TF's own kernels elsewhere).
+COPY docker/sitecustomize.py sitecustomize.py
+
 # Keras 3 on TensorFlow is what the exported SavedModel needs (the JAX backend is for dev only).
-# TF's CPU runtime as local_runner.py sets it (pipeline/tf_runtime.py: TF_CPU_ENV, ~10 % faster
-# training on CPUs; no effect on GPU kernels).
 ENV PYTHONPATH=/pipeline \
-    KERAS_BACKEND=tensorflow \
-    TF_ENABLE_ONEDNN_OPTS=0 \
-    TF_CPU_ALLOCATOR_USE_BFC=true
+    KERAS_BACKEND=tensorflow

@@ -55,9 +55,16 @@ def parse_args(argv):
                         "against the latest blessed model")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run every component even if an identical execution exists")
-    p.add_argument("--mixed-precision", choices=[m for m in configs.MIXED_PRECISION_POLICIES if m],
-                   help="train with 16-bit compute on GPUs (squash, routing, lengths and losses "
-                        "stay float32); ignored, and logged so, without a GPU. Default: float32")
+    p.add_argument("--mixed-precision", choices=configs.MIXED_PRECISION_CHOICES,
+                   help="the Trainer's compute: 'auto' = bfloat16 (float32 variables; squash, "
+                        "routing, lengths and losses in float32) on CPUs with native bf16 "
+                        "(AMX-BF16, AVX512_BF16) and GPUs of compute capability >= 8.0, float32 "
+                        "elsewhere; 'none' = float32; or force a Keras mixed policy. "
+                        f"Default: {defaults.mixed_precision}")
+    p.add_argument("--serving-precision", choices=configs.SERVING_PRECISION_CHOICES,
+                   help="the exported serving graph's compute: float32 (fast on any CPU, built "
+                        "from the float32 master weights) or mixed_bfloat16 (for serving hosts "
+                        f"with native bf16). Default: {defaults.serving_precision}")
     p.add_argument("--cpu-replicas", type=int, metavar="N",
                    help="split the CPU into N logical devices so that the Trainer's "
                         "MirroredStrategy trains N replicas on it (CPU-only machines; slower "
@@ -71,7 +78,8 @@ def parse_args(argv):
                                 data_fraction=args.data_fraction,
                                 learning_rate=args.learning_rate,
                                 max_test_error=args.max_test_error,
-                                mixed_precision=args.mixed_precision)
+                                mixed_precision=args.mixed_precision,
+                                serving_precision=args.serving_precision)
     except ValueError as e:
         p.error(str(e))
     args.pipeline_root = args.pipeline_root or os.path.join(args.output_dir, "pipeline_root")
@@ -99,9 +107,10 @@ def path_problem(pipeline_root: str, metadata_path: str, serving_dir: str):
 
 def main(argv=None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
-    from pipeline import tf_runtime  # first, before TFX or TensorFlow loads: only then they act
+    from models.capsnet import hardware  # first, before TFX or TensorFlow loads: only then
+    from pipeline import tf_runtime      # their settings act
 
-    tf_runtime.apply_cpu_env()
+    hardware.apply_tf_env(config.mixed_precision)
     if args.cpu_replicas:
         tf_runtime.configure_cpu_replicas(args.cpu_replicas)
     # Component progress (absl: "Component X is finished") and the data source; not Beam's chatter.
@@ -120,6 +129,8 @@ def main(argv=None) -> int:
     try:
         npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
         print(f"MNIST source: {source}", flush=True)
+        print("Compute: " + hardware.format_description(hardware.describe(
+            hardware.compute_policy(config.mixed_precision))), flush=True)
         with run_lock.hold(args.pipeline_root):
             print(f"Pipeline root {args.pipeline_root} is locked for this run", flush=True)
             metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(

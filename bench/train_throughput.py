@@ -28,8 +28,9 @@ machine is shared and timings swing: compare runs taken alternately, and quote m
 
 Flags that must act before TensorFlow starts (the script imports TF only after parsing them):
   --cpu-replicas N   N logical CPU devices, so MirroredStrategy trains N replicas on the CPU
-  --tf-defaults      TensorFlow's default CPU runtime, instead of pipeline.tf_runtime.TF_CPU_ENV
-                     (what local_runner.py runs with); see docs/results.md
+  --tf-defaults      TensorFlow's default CPU runtime, instead of the one
+                     models.capsnet.hardware chooses for --mixed-precision on this CPU (what
+                     local_runner.py runs with); see docs/results.md
 """
 
 import argparse
@@ -41,7 +42,10 @@ import sys
 import tempfile
 import time
 
+from models.capsnet.hardware import MIXED_PRECISION_CHOICES  # light: no TensorFlow
+
 MODES = ("train", "input", "serve", "digitcaps", "primarycaps")
+
 
 
 def parse_args(argv):
@@ -58,16 +62,19 @@ def parse_args(argv):
     p.add_argument("--max-shift", type=int, default=2,
                    help="train/input: random shift of up to ±px, as the recipe (default: 2)")
     p.add_argument("--routings", type=int, default=3, help="routing iterations (default: 3)")
-    p.add_argument("--mixed-precision", default=None,
-                   help="train: a Keras dtype policy such as mixed_float16 or mixed_bfloat16, "
-                        "applied as the Trainer does: on GPUs only (default: none, float32)")
+    p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_CHOICES,
+                   help="train/digitcaps/primarycaps: the compute dtype, chosen as the Trainer "
+                        "does (models/capsnet/hardware.py; default: auto)")
+    p.add_argument("--serving-precision", default="float32",
+                   choices=("float32", "mixed_bfloat16"),
+                   help="serve: the fresh export's compute dtype (default: float32)")
     p.add_argument("--model", help="serve: exported SavedModel dir (default: export a fresh, "
                                    "untrained model with a tf.Transform graph to a temp dir)")
     p.add_argument("--cpu-replicas", type=int, default=0,
                    help="split the CPU into N logical devices before TF starts (default: off)")
     p.add_argument("--tf-defaults", action="store_true",
-                   help="TensorFlow's default CPU runtime (default: local_runner.py's, "
-                        "pipeline.tf_runtime.TF_CPU_ENV)")
+                   help="TensorFlow's default CPU runtime (default: the one local_runner.py "
+                        "chooses, models.capsnet.hardware.apply_tf_env)")
     p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
     p.add_argument("--data-cache-dir", help="MNIST cache dir, as local_runner.py --data-cache-dir")
     args = p.parse_args(argv)
@@ -110,20 +117,10 @@ def capsnet_flops_per_image(routings=3):
 
 def device_description():
     import tensorflow as tf
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        names = [line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-        flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
-        extras = [x for x in ("avx512f", "avx2", "fma") if f" {x}" in flags]
-        cpu += f" ({', '.join(extras)})" if extras else ""
-    except OSError:
-        pass
+    from models.capsnet import hardware
+    cpu = hardware.this_cpu()
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    desc = f"CPU {cpu} x{os.cpu_count()}"
+    desc = f"CPU {cpu.model} x{os.cpu_count()}"
     return desc + (f" + GPU {', '.join(gpus)}" if gpus else "")
 
 
@@ -261,9 +258,10 @@ def bench_digitcaps(args, mnist, work_dir):
     from models.capsnet.layers import DigitCaps, squash
 
     rng = np.random.default_rng(0)
-    u = tf.constant(squash(rng.normal(size=(args.batch, 1152, 8)).astype("float32")))
+    dtype = compute_dtype(args)
+    u = tf.cast(squash(rng.normal(size=(args.batch, 1152, 8)).astype("float32")), dtype)
     probe = tf.constant(rng.normal(size=(args.batch, 10, 16)).astype("float32"))
-    layer = DigitCaps(routings=args.routings)
+    layer = DigitCaps(routings=args.routings, dtype=compute_policy(args))
     layer.build(u.shape)
 
     @tf.function
@@ -283,8 +281,9 @@ def bench_primarycaps(args, mnist, work_dir):
     from models.capsnet.layers import conv2d_valid
 
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(args.batch, 20, 20, 256)).astype("float32"))
-    kernel = tf.constant(rng.normal(scale=0.01, size=(9, 9, 256, 256)).astype("float32"))
+    dtype = compute_dtype(args)
+    x = tf.cast(rng.normal(size=(args.batch, 20, 20, 256)).astype("float32"), dtype)
+    kernel = tf.cast(rng.normal(scale=0.01, size=(9, 9, 256, 256)).astype("float32"), dtype)
     probe = tf.constant(rng.normal(size=(args.batch, 6, 6, 256)).astype("float32"))
 
     def gradients(conv):
@@ -292,7 +291,7 @@ def bench_primarycaps(args, mnist, work_dir):
         def step():
             with tf.GradientTape() as tape:
                 tape.watch([x, kernel])
-                loss = tf.reduce_sum(conv(x, kernel) * probe)
+                loss = tf.reduce_sum(tf.cast(conv(x, kernel), "float32") * probe)
             return tape.gradient(loss, [x, kernel])
         return step
 
@@ -303,7 +302,19 @@ def bench_primarycaps(args, mnist, work_dir):
     return result, capsnet_flops_per_image(args.routings)["primarycaps"]
 
 
-def export_fresh_model(work_dir, routings):
+def compute_policy(args):
+    """The Keras dtype policy --mixed-precision resolves to here (None: float32)."""
+    from models.capsnet import hardware
+    return hardware.compute_policy(args.mixed_precision)
+
+
+def compute_dtype(args):
+    """The compute dtype of `compute_policy`: 'float32', 'bfloat16' or 'float16'."""
+    from models.capsnet import hardware
+    return hardware.describe(compute_policy(args))["compute_dtype"]
+
+
+def export_fresh_model(work_dir, routings, serving_precision="float32"):
     """An untrained CapsNet exported by models.serving with a real Transform graph; its dir."""
     import apache_beam as beam
     import numpy as np
@@ -330,7 +341,9 @@ def export_fresh_model(work_dir, routings):
             _ = transform_fn | tft_beam.WriteTransformFn(transform_dir)
     metadata_io.write_metadata(raw_metadata,
                                os.path.join(transform_dir, tft.TFTransformOutput.RAW_METADATA_DIR))
-    _, inference_model = build_capsnet(routings=routings)
+    _, inference_model = build_capsnet(
+        routings=routings,
+        dtype_policy=None if serving_precision == "float32" else serving_precision)
     model_dir = os.path.join(work_dir, "serving_model")
     serving.export_serving_model(inference_model, tft.TFTransformOutput(transform_dir), model_dir)
     return model_dir
@@ -340,7 +353,8 @@ def bench_serve(args, mnist, work_dir):
     import tensorflow as tf
     from models import serving
 
-    model_dir = args.model or export_fresh_model(work_dir, args.routings)
+    model_dir = args.model or export_fresh_model(work_dir, args.routings,
+                                                 args.serving_precision)
     signature = tf.saved_model.load(model_dir).signatures[serving.IMAGES_SIGNATURE]
     n_batches = max(1, len(mnist.x_test) // args.batch)
     batches = [tf.constant(mnist.x_test[i * args.batch:(i + 1) * args.batch])
@@ -353,18 +367,21 @@ def bench_serve(args, mnist, work_dir):
         signature(images=batches[(args.warmup + i) % len(batches)])[serving.SCORES].numpy()
         clock.mark()
     result = clock.summary(args.batch)
-    result.update(model=args.model or "fresh untrained export",
-                  signature=serving.IMAGES_SIGNATURE)
+    with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:
+        serving_dtype = json.load(f).get("serving_compute_dtype", "float32")  # older exports
+    result.update(model=args.model or "fresh untrained export", signature=serving.IMAGES_SIGNATURE,
+                  compute_dtype=serving_dtype)
     return result, capsnet_flops_per_image(args.routings)["serve"]
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pipeline import tf_runtime  # before TensorFlow loads
+    from models.capsnet import hardware  # before TensorFlow loads
+    from pipeline import tf_runtime
 
     if not args.tf_defaults:
-        tf_runtime.apply_cpu_env()
+        hardware.apply_tf_env(args.mixed_precision)
     if args.cpu_replicas:
         tf_runtime.configure_cpu_replicas(args.cpu_replicas)
     import keras
@@ -384,7 +401,10 @@ def main(argv=None) -> int:
                    gflop_per_s=round(flops * result["images_per_s"] / 1e9, 1))
     out.update(device=device_description(), tf_version=tf.__version__,
                keras_version=keras.__version__, keras_backend=keras.backend.backend(),
-               tf_env={key: os.environ.get(key) for key in tf_runtime.TF_CPU_ENV})
+               tf_env={key: os.environ.get(key) for key in hardware.TF_ENV_KEYS})
+    # The CPU, its bf16 support, the runtime; the mode's own compute_dtype where it has one.
+    described = hardware.describe(None if args.mode == "input" else compute_policy(args))
+    out.update({key: value for key, value in described.items() if key not in out})
     print(json.dumps(out), flush=True)
     return 0
 

@@ -16,6 +16,7 @@ graph's assets together.
 
 import json
 import os
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -55,13 +56,16 @@ def _outputs(model: keras.Model, images: tf.Tensor) -> dict:
     return {SCORES: lengths, CLASSES: tf.argmax(lengths, axis=-1)}
 
 
-def export_serving_model(model: keras.Model, tft_output, export_dir: str) -> None:
+def export_serving_model(model: keras.Model, tft_output, export_dir: str,
+                         trained_with: Optional[dict] = None) -> None:
     """Writes the SavedModel with both signatures, assets.extra/model_info.json and the .keras file.
 
     Args:
-      model: the CapsNet inference model, image [N,28,28,1] float32 -> {'lengths': [N,10], ...}.
+      model: the CapsNet inference model, image [N,28,28,1] float32 -> {'lengths': [N,10], ...};
+        the signatures compute in its dtype policy (the Trainer passes a float32 one by default).
       tft_output: tft.TFTransformOutput of the Transform component.
       export_dir: destination (the Trainer's serving_model_dir).
+      trained_with: how training computed (`hardware.describe`), recorded in model_info.json.
     """
     tft_layer = tft_output.transform_features_layer()
     raw_spec = tft_output.raw_feature_spec()
@@ -86,18 +90,21 @@ def export_serving_model(model: keras.Model, tft_output, export_dir: str) -> Non
     archive.add_endpoint(IMAGES_SIGNATURE, serve_images,
                          input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
     archive.write_out(export_dir, verbose=False)
-    _write_model_info(model, export_dir)
+    _write_model_info(model, export_dir, trained_with)
     tf.io.gfile.makedirs(os.path.dirname(os.path.join(export_dir, KERAS_MODEL_FILE)))
     model.save(os.path.join(export_dir, KERAS_MODEL_FILE))
 
 
-def _write_model_info(model: keras.Model, export_dir: str) -> None:
-    """Records which Keras built the model, so tests and users can check it is Keras 3."""
+def _write_model_info(model: keras.Model, export_dir: str, trained_with: Optional[dict]) -> None:
+    """Records which Keras built the model (tests and users check it is Keras 3), the serving
+    graph's compute dtype and how training computed (CPU, bf16 support, runtime, dtype)."""
     info = {
         "keras_version": keras.__version__,
         "keras_backend": keras.backend.backend(),
         "model_class": f"{type(model).__module__}.{type(model).__name__}",
         "trainable_params": int(sum(keras.ops.size(w) for w in model.trainable_weights)),
+        "serving_compute_dtype": model.get_layer("conv1").compute_dtype,
+        "training": trained_with or {},
     }
     extra = os.path.join(export_dir, "assets.extra")
     tf.io.gfile.makedirs(extra)

@@ -17,7 +17,8 @@ from absl import logging
 from tfx_bsl.public import tfxio
 
 from models import features, serving
-from models.capsnet import build_capsnet, compile_capsnet
+from models.capsnet import build_capsnet, compile_capsnet, hardware
+from models.capsnet.model import policy_of, with_dtype_policy
 
 IMAGE_XF = features.transformed_name(features.IMAGE_KEY)
 LABEL_XF = features.transformed_name(features.LABEL_KEY)
@@ -32,7 +33,9 @@ class TrainConfig:
     lr_decay: float      # learning rate after epoch e: learning_rate * lr_decay ** e
     max_shift: int       # random integer shift of up to ±max_shift px, zero fill; train only
     routings: int
-    mixed_precision: Optional[str] = None  # Keras dtype policy, e.g. "mixed_bfloat16"; GPUs only
+    # hardware.MIXED_PRECISION_CHOICES; configs from before the field: float32
+    mixed_precision: Optional[str] = hardware.NONE
+    serving_precision: str = "float32"  # or "mixed_bfloat16": the exported graph's compute
 
     @classmethod
     def from_custom_config(cls, custom_config: Dict[str, Any]) -> "TrainConfig":
@@ -147,26 +150,18 @@ def _handle(variable):
 
 
 def compute_policy(mixed_precision: Optional[str]) -> Optional[str]:
-    """The dtype policy to build with: `mixed_precision` when a GPU is visible, else None (float32).
-
-    On the CPU float16/bfloat16 compute is slower than float32 and buys nothing, so the option
-    is ignored there (and logged).
-    """
-    if not mixed_precision:
-        return None
-    if not tf.config.list_logical_devices("GPU"):
-        logging.info("mixed_precision=%s requested, but no GPU is visible: training in float32 "
-                     "(mixed precision is off on the CPU)", mixed_precision)
-        return None
-    logging.info("mixed precision on: dtype policy %s (squash, lengths and losses in float32)",
-                 mixed_precision)
-    return mixed_precision
+    """The dtype policy to build with (`hardware.compute_policy`; None is float32), logged with
+    the CPU, its bf16 support and TensorFlow's CPU runtime."""
+    policy = hardware.compute_policy(mixed_precision)
+    logging.info("compute: mixed_precision=%s -> %s", mixed_precision,
+                 ", ".join(f"{k} {v}" for k, v in hardware.describe(policy).items()))
+    return policy
 
 
 def build_models(config: TrainConfig):
     """(strategy, train_model, inference_model): the CapsNet built and compiled inside
     `tf.distribute.MirroredStrategy()` (every visible GPU; the CPU, or its logical devices, when
-    there is none), with the config's routings, learning rate and GPU-only mixed precision."""
+    there is none), with the config's routings, learning rate and compute dtype."""
     strategy = tf.distribute.MirroredStrategy()
     logging.info("MirroredStrategy with %d replica(s)", strategy.num_replicas_in_sync)
     with strategy.scope():
@@ -202,4 +197,10 @@ def run_fn(fn_args) -> None:
             keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
         ],
         verbose=2)
-    serving.export_serving_model(inference_model, tft_output, fn_args.serving_model_dir)
+    # The serving graph computes in float32 unless asked otherwise, whatever training used: a
+    # graph of bf16 ops crawls where bf16 is emulated, and the serving host is rarely this one.
+    serving_model = with_dtype_policy(
+        inference_model, config.routings,
+        None if config.serving_precision == "float32" else config.serving_precision)
+    serving.export_serving_model(serving_model, tft_output, fn_args.serving_model_dir,
+                                 trained_with=hardware.describe(policy_of(train_model)))

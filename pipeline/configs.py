@@ -8,6 +8,7 @@ import math
 import os
 
 from data.splits import split_sizes
+from models.capsnet import hardware  # light: no Keras, no TensorFlow
 
 PIPELINE_NAME = "capsnet_mnist"
 
@@ -15,8 +16,11 @@ PIPELINE_NAME = "capsnet_mnist"
 # the seed project's 0.34 % mean; 0.4 % is this product's promise).
 MAX_TEST_ERROR = 0.004
 
-# Keras dtype policies the Trainer accepts for mixed precision (GPUs only; None = float32).
-MIXED_PRECISION_POLICIES = (None, "mixed_float16", "mixed_bfloat16")
+# How the Trainer computes: "auto" (bfloat16 where the CPU or GPU has it natively, else float32),
+# "none" (float32), or a forced Keras mixed policy; see models/capsnet/hardware.py.
+MIXED_PRECISION_CHOICES = hardware.MIXED_PRECISION_CHOICES
+# What the exported serving graph computes in: float32 (fast on any CPU) unless asked otherwise.
+SERVING_PRECISION_CHOICES = ("float32", "mixed_bfloat16")
 
 # Beam on the local machine: in-process. (multi_processing was 3.6x slower on 2 cores.)
 LOCAL_BEAM_ARGS = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
@@ -35,9 +39,13 @@ class RunConfig:
     max_shift        random integer shift of the training images, ±px, zero fill
     routings         dynamic-routing iterations
     max_test_error   the blessing bar on the test split
-    mixed_precision  None (float32) or a Keras mixed policy, "mixed_float16" / "mixed_bfloat16":
-                     16-bit compute on GPUs (squash, lengths, losses stay float32); the Trainer
-                     ignores it, and logs so, when it sees no GPU
+    mixed_precision  "auto": bfloat16 compute (float32 variables and optimizer state; squash,
+                     routing, lengths and losses in float32) on a CPU with native bf16 or a GPU of
+                     compute capability >= 8.0, float32 elsewhere; "none": float32;
+                     "mixed_bfloat16" / "mixed_float16": forced
+    serving_precision  the exported serving graph's compute: "float32" (the default: built from
+                     the float32 master weights, fast on any CPU, whatever training used) or
+                     "mixed_bfloat16" (for serving hosts with native bf16)
     """
     data_fraction: float = 1.0
     valid_size: int = 5000
@@ -49,7 +57,8 @@ class RunConfig:
     max_shift: int = 2
     routings: int = 3
     max_test_error: float = MAX_TEST_ERROR
-    mixed_precision: str | None = None
+    mixed_precision: str = hardware.AUTO
+    serving_precision: str = "float32"
 
     def __post_init__(self):
         _check(0.0 < self.data_fraction <= 1.0, "data_fraction", "in (0, 1]", self.data_fraction)
@@ -62,8 +71,10 @@ class RunConfig:
         _check(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]", self.lr_decay)
         _check(0 <= self.max_shift < 14, "max_shift", "in [0, 14)", self.max_shift)
         _check(0 <= self.max_test_error <= 1, "max_test_error", "in [0, 1]", self.max_test_error)
-        _check(self.mixed_precision in MIXED_PRECISION_POLICIES, "mixed_precision",
-               f"one of {MIXED_PRECISION_POLICIES}", self.mixed_precision)
+        _check(self.mixed_precision in MIXED_PRECISION_CHOICES, "mixed_precision",
+               f"one of {MIXED_PRECISION_CHOICES}", self.mixed_precision)
+        _check(self.serving_precision in SERVING_PRECISION_CHOICES, "serving_precision",
+               f"one of {SERVING_PRECISION_CHOICES}", self.serving_precision)
 
     def split_sizes(self) -> dict:
         """Examples per split: {'train': ..., 'valid': ..., 'test': ...}."""
@@ -77,7 +88,8 @@ class RunConfig:
         return {"epochs": self.epochs, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate, "lr_decay": self.lr_decay,
                 "max_shift": self.max_shift, "routings": self.routings,
-                "mixed_precision": self.mixed_precision}
+                "mixed_precision": self.mixed_precision,
+                "serving_precision": self.serving_precision}
 
 
 def _check(ok: bool, name: str, expected: str, got) -> None:

@@ -5,13 +5,18 @@ TFX records every node's execution in the run's `pipeline_run` context, cached o
 """
 
 import dataclasses
+import json
+import os
 from typing import Dict, List, Optional
+
+import tensorflow as tf
 
 import tensorflow_model_analysis as tfma
 from tensorflow_model_analysis.writers import eval_config_writer
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
+from models.capsnet import hardware
 from pipeline.evaluation import ACCURACY
 
 _OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
@@ -114,6 +119,7 @@ class RunSummary:
     evaluation_uri: str
     tensorboard_uri: str
     cached_nodes: List[str]
+    trained_with: Dict[str, str] = dataclasses.field(default_factory=dict)  # hardware.describe
 
     def format(self) -> str:
         errors = round(self.test_error * self.test_examples)
@@ -124,6 +130,8 @@ class RunSummary:
             f"Pushed to: {self.pushed_to}" if self.pushed_to
             else "Pushed: nothing (only blessed models are pushed)",
             f"TFMA output: {self.evaluation_uri}",
+            f"Trained with: {hardware.format_description(self.trained_with)}"
+            if self.trained_with else "Trained with: not recorded",
             f"TensorBoard logs: {self.tensorboard_uri}",
             f"Served from cache: {', '.join(self.cached_nodes) or 'nothing'}",
         ])
@@ -145,4 +153,16 @@ def summarize(connection_config: metadata_store_pb2.ConnectionConfig, pipeline_n
                    if pushed["pushed"].int_value == 1 else None),
         evaluation_uri=evaluation,
         tensorboard_uri=nodes["Trainer"].outputs["model_run"].uri,
-        cached_nodes=[node for node, run in nodes.items() if run.cached])
+        cached_nodes=[node for node, run in nodes.items() if run.cached],
+        trained_with=trained_with(nodes["Trainer"].outputs["model"].uri))
+
+
+def trained_with(model_uri: str) -> Dict[str, str]:
+    """How the Trainer computed (CPU, its bf16 support, runtime, dtype), from the model's
+    assets.extra/model_info.json; {} when the file or the record is missing."""
+    path = os.path.join(model_uri, "Format-Serving", "assets.extra", "model_info.json")
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f).get("training", {})
+    except (tf.errors.NotFoundError, ValueError):
+        return {}

@@ -1,35 +1,8 @@
-"""TensorFlow settings that only act if made before TensorFlow starts, in one place.
+"""TensorFlow's device setup that only acts before TensorFlow runs its first op.
 
-TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it is imported and fixes its devices (and its CPU
-allocator) when its runtime first runs an op. The pipeline runs every component in the
-local_runner.py process, so these are applied at the top of its main(), before TFX or TF loads;
-the benchmark and the MirroredStrategy test do the same.
+TensorFlow's CPU runtime (oneDNN or its own kernels) and allocator are chosen from the CPU by
+`models.capsnet.hardware.apply_tf_env`, the one chooser every entry point calls.
 """
-
-import logging
-import os
-import sys
-
-# The CPU runtime the training step is fastest with on the 2-core dev machine: TensorFlow's own
-# (Eigen) kernels instead of oneDNN's, and its BFC allocator, which reuses memory instead of
-# handing out fresh pages for every large tensor. Measured together: train step ~62 vs ~56 img/s
-# (medians of alternating runs, docs/results.md). The user's environment wins over these.
-TF_CPU_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPU_ALLOCATOR_USE_BFC": "true"}
-
-log = logging.getLogger(__name__)
-
-
-def apply_cpu_env(environ=os.environ) -> dict:
-    """Sets TF_CPU_ENV's variables not already set in `environ`; returns the values in effect.
-
-    Logs a warning when TensorFlow is already imported: then they no longer act in this process.
-    """
-    for key, value in TF_CPU_ENV.items():
-        environ.setdefault(key, value)
-    if "tensorflow" in sys.modules:
-        log.warning("TensorFlow was imported before %s were set; they act in child processes "
-                    "only", ", ".join(TF_CPU_ENV))
-    return {key: environ[key] for key in TF_CPU_ENV}
 
 
 def configure_cpu_replicas(n: int) -> None:

@@ -5,12 +5,17 @@ import os
 import subprocess
 import sys
 
-import pytest
-from ml_metadata.metadata_store import metadata_store
-from tfx import v1 as tfx
+from models.capsnet import hardware
 
-from data import mnist
-from pipeline import configs, summary
+# Before anything loads TensorFlow: the runtime local_runner.py would choose on this CPU.
+hardware.apply_tf_env()
+
+import pytest  # noqa: E402
+from ml_metadata.metadata_store import metadata_store  # noqa: E402
+from tfx import v1 as tfx  # noqa: E402
+
+from data import mnist  # noqa: E402
+from pipeline import configs, summary  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,42 +10,27 @@ changes what `tf.keras` resolves to (Keras 2 / tf_keras); `import keras` is stil
 why nothing in the project spells `tf.keras`.
 
 Modules:
+  hardware  the CPU/GPU's features -> TensorFlow's CPU runtime and the compute dtype (no Keras)
   layers  squash, safe_length, PrimaryCaps, DigitCaps (+ dynamic_routing), Length, Mask
   losses  margin_loss, reconstruction_loss, RECON_WEIGHT
   model   build_capsnet -> (train_model, inference_model), compile_capsnet
   train   the standalone trainer: `python -m models.capsnet.train` (any backend, no TFX)
 """
 
-import keras
+import importlib
 
-if not keras.__version__.startswith("3"):
-    raise ImportError(
-        f"models.capsnet needs Keras 3 (`import keras`), found keras {keras.__version__}. "
-        "Install keras>=3 (see requirements.in); tf.keras / tf_keras (Keras 2) is not supported.")
+# Lazy exports (PEP 562): `models.capsnet.hardware` must be importable before Keras loads its
+# backend, because the TensorFlow settings it chooses act only before TensorFlow starts.
+_EXPORTS = {
+    "DigitCaps": "layers", "Length": "layers", "Mask": "layers", "PrimaryCaps": "layers",
+    "dynamic_routing": "layers", "safe_length": "layers", "squash": "layers",
+    "RECON_WEIGHT": "losses", "margin_loss": "losses", "reconstruction_loss": "losses",
+    "build_capsnet": "model", "compile_capsnet": "model",
+}
+__all__ = sorted(_EXPORTS)
 
-from models.capsnet.layers import (  # noqa: E402
-    DigitCaps,
-    Length,
-    Mask,
-    PrimaryCaps,
-    dynamic_routing,
-    safe_length,
-    squash,
-)
-from models.capsnet.losses import RECON_WEIGHT, margin_loss, reconstruction_loss  # noqa: E402
-from models.capsnet.model import build_capsnet, compile_capsnet  # noqa: E402
 
-__all__ = [
-    "DigitCaps",
-    "Length",
-    "Mask",
-    "PrimaryCaps",
-    "RECON_WEIGHT",
-    "build_capsnet",
-    "compile_capsnet",
-    "dynamic_routing",
-    "margin_loss",
-    "reconstruction_loss",
-    "safe_length",
-    "squash",
-]
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -12,7 +12,7 @@ import math
 
 import keras
 
-from models.capsnet.layers import DigitCaps, Length, Mask, PrimaryCaps
+from models.capsnet.layers import Conv2D, DigitCaps, Length, Mask, PrimaryCaps
 from models.capsnet.losses import RECON_WEIGHT, margin_loss, reconstruction_loss
 
 IMAGE = "image"
@@ -34,8 +34,8 @@ def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient
     image = keras.Input(shape=input_shape, name=IMAGE)
     label = keras.Input(shape=(n_class,), name=LABEL)
 
-    x = keras.layers.Conv2D(256, 9, strides=1, padding="valid", activation="relu",
-                            name="conv1", dtype=dtype)(image)
+    x = Conv2D(256, 9, strides=1, padding="valid", activation="relu", name="conv1",
+               dtype=dtype)(image)
     u = PrimaryCaps(n_channels=32, dim=8, kernel_size=9, strides=2, name="primary_caps",
                     dtype=dtype)(x)
     v = DigitCaps(n_caps=n_class, dim=16, routings=routings,
@@ -85,3 +85,24 @@ def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None):
         loss_weights={LENGTHS: 1.0, RECON: RECON_WEIGHT},
         metrics={LENGTHS: [keras.metrics.CategoricalAccuracy(name="accuracy")]},
     )
+
+
+def policy_of(model):
+    """The model's mixed dtype policy name ("mixed_bfloat16", ...), or None when it is float32."""
+    name = model.get_layer("conv1").dtype_policy.name
+    return None if name == "float32" else name
+
+
+def with_dtype_policy(inference_model, routings, dtype_policy=None):
+    """`inference_model`, or the same network built with `dtype_policy` carrying its weights.
+
+    The weights are the float32 master weights under every policy, so a bfloat16-trained model
+    yields a float32 serving model (and the reverse) without loss.
+    """
+    if policy_of(inference_model) == dtype_policy:
+        return inference_model
+    _, model = build_capsnet(input_shape=inference_model.input_shape[1:],
+                             n_class=inference_model.get_layer("digit_caps").n_caps,
+                             routings=routings, dtype_policy=dtype_policy)
+    model.set_weights(inference_model.get_weights())
+    return model

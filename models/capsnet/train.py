@@ -9,10 +9,10 @@ and the same recipe as the pipeline's `full` preset: train on the official train
 integer shifts of up to ±2 px with zero fill (training only), 3 routing iterations; after every
 epoch the error on the official 10,000 test images, classified by the longest capsule.
 
-With the TensorFlow backend on a CPU, set TensorFlow's CPU runtime as local_runner.py does
-(pipeline/tf_runtime.py; about 17 % faster here, docs/results.md), in the environment, since it
-acts only before TensorFlow loads:
-  TF_ENABLE_ONEDNN_OPTS=0 TF_CPU_ALLOCATOR_USE_BFC=true python -m models.capsnet.train ...
+--mixed-precision (default auto) chooses the compute dtype as the pipeline does, and, run as
+`python -m models.capsnet.train`, TensorFlow's CPU runtime with it before Keras loads TensorFlow
+(`models.capsnet.hardware`): bfloat16 under oneDNN on CPUs with native bf16, float32 under
+TensorFlow's own kernels elsewhere. Variables set in the environment win.
 
 Writes to --output-dir:
   history.csv          one row per epoch: epoch, learning_rate, loss, lengths_loss, recon_loss,
@@ -31,12 +31,26 @@ import time
 
 import numpy as np
 
-import keras
+from models.capsnet import hardware
 
-from data import mnist as mnist_data
-from data import splits
-from models.capsnet.model import IMAGE, LABEL, LENGTHS, RECON, build_capsnet, compile_capsnet
-from pipeline import configs
+
+def _mixed_precision_flag(argv):
+    """--mixed-precision from the command line alone, read before Keras loads its backend."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--mixed-precision", default=hardware.AUTO)
+    return p.parse_known_args(argv)[0].mixed_precision
+
+
+if __name__ == "__main__":  # TensorFlow's CPU runtime acts only if set before TensorFlow loads
+    hardware.apply_tf_env(_mixed_precision_flag(sys.argv[1:]))
+
+import keras  # noqa: E402
+
+from data import mnist as mnist_data  # noqa: E402
+from data import splits  # noqa: E402
+from models.capsnet.model import (  # noqa: E402
+    IMAGE, LABEL, LENGTHS, RECON, build_capsnet, compile_capsnet)
+from pipeline import configs  # noqa: E402
 
 HISTORY_FILE = "history.csv"
 WEIGHTS_FILE = "capsnet.weights.h5"
@@ -164,6 +178,8 @@ def parse_args(argv):
                    help="keep the first fraction of the train and test splits (default: 1)")
     p.add_argument("--steps-per-epoch", type=int,
                    help="training batches per epoch (default: one pass over the train split)")
+    p.add_argument("--mixed-precision", choices=hardware.MIXED_PRECISION_CHOICES,
+                   help=f"compute dtype, as local_runner.py (default: {full.mixed_precision})")
     p.add_argument("--seed", type=int, default=0, help="weights, shuffling and shifts")
     p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
     p.add_argument("--data-cache-dir", help="MNIST cache, as local_runner.py --data-cache-dir")
@@ -175,7 +191,7 @@ def parse_args(argv):
             "full", epochs=args.epochs, batch_size=args.batch_size,
             learning_rate=args.learning_rate, lr_decay=args.lr_decay, max_shift=args.max_shift,
             routings=args.routings, valid_size=args.valid_size, data_fraction=args.data_fraction,
-            steps_per_epoch=args.steps_per_epoch)
+            steps_per_epoch=args.steps_per_epoch, mixed_precision=args.mixed_precision)
     except ValueError as e:
         p.error(str(e))
     return args, config
@@ -188,8 +204,10 @@ def train(args, config) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     mnist, source = mnist_data.load(args.data_path, args.data_cache_dir,
                                     allow_network=not args.offline)
+    policy = hardware.compute_policy(config.mixed_precision)
+    compute = hardware.describe(policy)
     print(f"MNIST source: {source}; Keras {keras.__version__}, backend "
-          f"{keras.backend.backend()}", flush=True)
+          f"{keras.backend.backend()}; {hardware.format_description(compute)}", flush=True)
     rows = splits.split_ranges(config.valid_size, config.data_fraction)
     train_rows, test_rows = rows["train"], rows["test"]
     x_train = mnist.x_train[train_rows.start:train_rows.stop]
@@ -198,7 +216,7 @@ def train(args, config) -> dict:
     y_test = mnist.y_test[test_rows.start:test_rows.stop]
 
     keras.utils.set_random_seed(args.seed)
-    train_model, inference_model = build_capsnet(routings=config.routings)
+    train_model, inference_model = build_capsnet(routings=config.routings, dtype_policy=policy)
     compile_capsnet(train_model, learning_rate=config.learning_rate)
     batches = MnistBatches(x_train, y_train, config.batch_size, config.max_shift, args.seed,
                            config.steps_per_epoch)
@@ -214,14 +232,16 @@ def train(args, config) -> dict:
     if len(report.rows) < config.epochs:
         raise RuntimeError(f"training stopped after {len(report.rows)} of {config.epochs} epochs "
                            f"(non-finite loss?)")
-    return {"test_error": report.rows[-1]["test_error"], "history": report.rows}
+    return {"test_error": report.rows[-1]["test_error"], "history": report.rows,
+            "compute": compute}
 
 
 def main(argv=None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     result = train(args, config)
     print(json.dumps({"test_error": result["test_error"], "epochs": len(result["history"]),
-                      "output_dir": os.path.abspath(args.output_dir)}), flush=True)
+                      "output_dir": os.path.abspath(args.output_dir), **result["compute"]}),
+          flush=True)
     return 0
 
 

@@ -7,10 +7,12 @@ import math
 import pytest
 
 from bench import train_throughput
+from models.capsnet import hardware
 
 COMMON_KEYS = {"mode", "images_per_s", "ms_per_step", "ms_per_step_median", "ms_per_step_min",
                "cpu_ms_per_step", "batch", "steps", "warmup", "device", "tf_version",
-               "keras_version", "keras_backend", "tf_env"}
+               "keras_version", "keras_backend", "tf_env", "cpu", "cpu_bf16", "tf_runtime",
+               "compute_dtype"}
 
 
 def run(capsys, *argv):
@@ -35,10 +37,19 @@ def test_train_mode_one_step(capsys, mnist_cache_dir):
     result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch", "16",
                  "--examples", "64", "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "train" and result["batch"] == 16
-    assert result["replicas"] == 1 and result["compute_dtype"] == "float32"
+    auto = hardware.describe(hardware.compute_policy("auto"))
+    assert result["replicas"] == 1 and result["compute_dtype"] == auto["compute_dtype"]
+    assert {k: result[k] for k in auto} == auto  # the CPU, its bf16, the runtime, the dtype
     assert result["flops_per_image"] == train_throughput.capsnet_flops_per_image()["train"]
     assert result["gflop_per_s"] > 0
     assert 0.5 < result["loss_first"] < 1.5 and math.isfinite(result["loss_last"])
+
+
+def test_train_mode_takes_the_compute_dtype_flag(capsys, mnist_cache_dir):
+    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch", "4",
+                 "--examples", "16", "--mixed-precision", "none", "--routings", "1",
+                 "--data-cache-dir", mnist_cache_dir)
+    assert result["compute_dtype"] == "float32"
 
 
 def test_input_mode_one_step(capsys, mnist_cache_dir):
@@ -54,6 +65,7 @@ def test_serve_mode_one_step_on_a_fresh_export(capsys, mnist_cache_dir):
     result = run(capsys, "--mode", "serve", "--steps", "1", "--warmup", "1", "--batch", "10",
                  "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "serve" and result["signature"] == "serving_images"
+    assert result["compute_dtype"] == "float32"  # the default export, whatever the CPU
     assert result["flops_per_image"] == train_throughput.capsnet_flops_per_image()["serve"]
 
 

@@ -8,6 +8,9 @@ import ast
 import fnmatch
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -128,19 +131,35 @@ def test_dockerignore_keeps_everything_the_image_copies():
     patterns = [line.strip().rstrip("/") for line in read(".dockerignore").splitlines()
                 if line.strip() and not line.startswith("#")]
     kept = ["requirements.in", "requirements.lock", "components", "data", "models", "pipeline",
-            "pipeline/schema.pbtxt", "models/trainer.py"]
+            "pipeline/schema.pbtxt", "models/trainer.py", "docker/sitecustomize.py"]
     for path in kept:
         assert not [p for p in patterns if fnmatch.fnmatch(path, p)], path
     assert ".venv" in patterns and ".git" in patterns
 
 
-def test_image_runs_tensorflow_with_the_local_runners_cpu_settings(dockerfile):
-    """Pods start TensorFlow without local_runner.py: the image's ENV must carry TF_CPU_ENV."""
-    from pipeline import tf_runtime
+def test_image_chooses_the_cpu_runtime_as_the_local_runner_does(dockerfile, tmp_path):
+    """Pods start TensorFlow without local_runner.py: the image's sitecustomize.py, on its
+    PYTHONPATH, runs the same chooser at every interpreter start, and fixes no runtime in ENV."""
+    from models.capsnet import hardware
 
     env = {}
     for instruction, arguments in dockerfile:
         if instruction == "ENV":
             env.update(pair.split("=", 1) for pair in arguments.split())
-    assert {k: env.get(k) for k in tf_runtime.TF_CPU_ENV} == tf_runtime.TF_CPU_ENV
     assert env["KERAS_BACKEND"] == "tensorflow"
+    assert not set(hardware.TF_ENV_KEYS) & set(env)
+    workdir = next(args for op, args in dockerfile if op == "WORKDIR")
+    assert ("COPY", "docker/sitecustomize.py sitecustomize.py") in dockerfile
+    assert env["PYTHONPATH"] == workdir
+
+    # As in the image: sitecustomize.py at the top of PYTHONPATH, beside the project's packages.
+    shutil.copy(os.path.join(REPO, "docker", "sitecustomize.py"), tmp_path / "sitecustomize.py")
+    clean = {k: v for k, v in os.environ.items() if k not in hardware.TF_ENV_KEYS}
+    show = "import os, sys; print(os.environ['%s'], 'tensorflow' in sys.modules)" % hardware.ONEDNN
+    child = {**clean, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
+    out = subprocess.run([sys.executable, "-c", show], env=child, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [hardware.tf_env(hardware.AUTO, hardware.this_cpu())[hardware.ONEDNN], "False"]
+    out = subprocess.run([sys.executable, "-c", show], env={**child, hardware.ONEDNN: "7"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "7"  # the pod's environment wins

@@ -1,5 +1,5 @@
 """models/trainer.py's own pieces (the TFX run_fn is exercised end to end in tests/pipeline):
-the fused Adam, the GPU-only mixed precision, the config, the input pipeline's augmentation."""
+the fused Adam, the compute dtype, the config, the input pipeline's augmentation."""
 
 import keras
 import numpy as np
@@ -33,24 +33,28 @@ def test_fused_adam_takes_keras_path_for_amsgrad():
     np.testing.assert_allclose(v.numpy(), [0.9, 1.1, 0.9], rtol=1e-4)
 
 
-def test_mixed_precision_is_off_without_a_gpu(monkeypatch):
-    if tf.config.list_logical_devices("GPU"):
-        pytest.skip("this machine has a GPU")
+def test_compute_policy_is_the_hardware_choice_and_says_so(monkeypatch):
+    from models.capsnet import hardware
     # The message itself, not log capture: which loggers earlier tests quieted varies.
     messages = []
     monkeypatch.setattr(trainer.logging, "info", lambda msg, *args: messages.append(msg % args))
-    assert trainer.compute_policy("mixed_bfloat16") is None
-    assert len(messages) == 1 and "mixed_bfloat16" in messages[0] and "no GPU" in messages[0]
-    assert trainer.compute_policy(None) is None
-    assert len(messages) == 1  # float32 asked for: nothing to say
+    assert trainer.compute_policy("mixed_bfloat16") == "mixed_bfloat16"  # forced
+    assert trainer.compute_policy("none") is None
+    assert trainer.compute_policy("auto") == hardware.compute_policy("auto")
+    cpu = hardware.this_cpu()
+    assert len(messages) == 3 and all(cpu.model in m and "tf_runtime" in m for m in messages)
+    assert "compute_dtype bfloat16" in messages[0] and "compute_dtype float32" in messages[1]
 
 
 def test_train_config_reads_old_and_new_custom_configs():
     from pipeline import configs
     new = configs.RunConfig(mixed_precision="mixed_float16").trainer_custom_config()
     assert trainer.TrainConfig.from_custom_config(new).mixed_precision == "mixed_float16"
-    old = {k: v for k, v in new.items() if k != "mixed_precision"}  # before the field existed
-    assert trainer.TrainConfig.from_custom_config(old).mixed_precision is None
+    old = {k: v for k, v in new.items()
+           if k not in ("mixed_precision", "serving_precision")}  # before the fields existed
+    assert trainer.TrainConfig.from_custom_config(old).mixed_precision == "none"
+    assert trainer.TrainConfig.from_custom_config(old).serving_precision == "float32"
+    assert configs.RunConfig().trainer_custom_config()["mixed_precision"] == "auto"
     with pytest.raises(KeyError):
         trainer.TrainConfig.from_custom_config({k: v for k, v in old.items() if k != "epochs"})
 
@@ -78,3 +82,22 @@ def test_random_shift_is_a_per_image_integer_shift_with_zero_fill():
         moves.add((rows.min() - 12, cols.min() - 10))
     assert moves <= {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)} and len(moves) > 10
     np.testing.assert_array_equal(trainer.random_shift(tf.constant(images), 0).numpy(), images)
+
+
+def test_bfloat16_training_keeps_variables_and_optimizer_state_in_float32():
+    config = trainer.TrainConfig(epochs=1, batch_size=2, learning_rate=1e-3, lr_decay=0.9,
+                                 max_shift=0, routings=1, mixed_precision="mixed_bfloat16")
+    _, train_model, _ = trainer.build_models(config)
+    assert train_model.get_layer("primary_caps").compute_dtype == "bfloat16"
+    x = np.zeros((2, 28, 28, 1), "float32")
+    x[:, 10:18, 10:18] = 1.0
+    y = np.eye(10, dtype="float32")[[3, 7]]
+    loss = train_model.train_on_batch({"image": x, "label": y},
+                                      {"lengths": y, "recon": x.reshape(2, -1)})[0]
+    assert np.isfinite(loss)
+    assert {w.dtype for w in train_model.weights} == {"float32"}
+    slots = [v for v in train_model.optimizer.variables if v.name not in ("iteration",
+                                                                         "learning_rate")]
+    assert len(slots) == 2 * len(train_model.trainable_weights)  # Adam's m and v
+    assert {v.dtype for v in slots} == {"float32"}
+    assert all(np.any(v.numpy()) for v in slots[::7])  # the step updated them

@@ -17,6 +17,7 @@ import tensorflow_model_analysis as tfma
 import tensorflow_transform as tft
 
 from models import serving
+from models.capsnet import hardware
 from pipeline import configs
 from pipeline.evaluation import ACCURACY
 
@@ -97,6 +98,49 @@ def test_exported_model_was_built_by_keras_3(runs):
     assert info["keras_version"].startswith("3.")
     assert info["model_class"].startswith("keras.src.")
     assert info["trainable_params"] == 8215568
+    # The Trainer's compute is the chooser's on this machine, and the summary says so.
+    policy = hardware.compute_policy(SMOKE.mixed_precision)
+    assert info["training"] == hardware.describe(policy)
+    assert info["serving_compute_dtype"] == "float32"
+    assert f"Trained with: {hardware.format_description(info['training'])}" in runs["stdout"][0]
+
+
+def bfloat16_ops(saved_model_dir):
+    """Names of the ops in a SavedModel's graph and functions that compute or hold bfloat16."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    graph = proto.meta_graphs[0].graph_def
+    nodes = list(graph.node) + [n for fn in graph.library.function for n in fn.node_def]
+    bf16 = tf.bfloat16.as_datatype_enum
+    return {n.op for n in nodes for a in n.attr.values()
+            if a.type == bf16 or bf16 in a.list.type}
+
+
+def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(runs,
+                                                                               mnist_arrays):
+    """Whatever dtype training computed in, the default serving graph is float32 (fast on any
+    CPU), built from the float32 master weights: no bfloat16 op in it, and on the 10,000 official
+    test images its classes are those of the model as trained (with its training dtype policy)
+    on >= 99.9 % of them."""
+    from models.capsnet.model import with_dtype_policy
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    assert bfloat16_ops(model_dir) == set()
+    with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:
+        trained_dtype = json.load(f)["training"]["compute_dtype"]
+    if trained_dtype != "bfloat16":
+        pytest.skip(f"the Trainer computed in {trained_dtype} on this machine (no native bf16)")
+    import keras
+    served = tf.saved_model.load(model_dir).signatures[serving.IMAGES_SIGNATURE]
+    classes = np.concatenate([served(images=tf.constant(mnist_arrays.x_test[i:i + 500]))
+                              ["classes"].numpy() for i in range(0, 10000, 500)])
+    float32_model = keras.saving.load_model(os.path.join(model_dir, "keras", "capsnet.keras"))
+    trained = with_dtype_policy(float32_model, SMOKE.routings, "mixed_bfloat16")
+    lengths = trained.predict(mnist_arrays.x_test[..., None].astype("float32") / 255.0,
+                              batch_size=500, verbose=0)["lengths"]
+    agree = np.mean(np.argmax(lengths, -1) == classes)
+    assert agree >= 0.999, f"classes agree on {agree:.2%} of the test images"
 
 
 def test_tensorboard_logs_are_written(runs):

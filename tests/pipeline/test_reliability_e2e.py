@@ -62,6 +62,33 @@ def test_empty_batch_answers_with_empty_outputs(serve):
     assert out["scores"].shape == (0, 10)
 
 
+EDGE_BATCHES_CHILD = """
+import sys
+import tensorflow as tf
+signatures = tf.saved_model.load(sys.argv[1]).signatures
+for n in (0, 1):
+    out = signatures["serving_images"](images=tf.zeros([n, 28, 28], tf.uint8))
+    assert out["scores"].shape == (n, 10) and out["classes"].shape == (n,), (n, out)
+out = signatures["serving_default"](examples=tf.constant([], tf.string))
+assert out["scores"].shape == (0, 10), out
+from tensorflow.python.util import _pywrap_util_port
+print("oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen")
+"""
+
+
+@pytest.mark.parametrize("onednn, runtime", [("0", "Eigen"), ("1", "oneDNN")])
+def test_edge_batches_answer_under_each_cpu_runtime(runs, onednn, runtime):
+    """TF Serving runs with oneDNN, and oneDNN's convolution misshapes a zero-size batch: the
+    exported model must answer batches of 0 and 1 under either runtime (a fresh process each,
+    since the runtime is fixed when TensorFlow starts)."""
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    proc = subprocess.run([sys.executable, "-c", EDGE_BATCHES_CHILD, model_dir],
+                          env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == runtime
+
+
 @pytest.mark.parametrize("images", [
     np.zeros([2, 28, 28], np.float32),                # float pixels: the signature takes uint8
     np.full([2, 28, 28], 1.5, np.float32),            # (so out-of-range floats never get in)

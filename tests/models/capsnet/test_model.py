@@ -50,6 +50,25 @@ def test_output_shapes_of_both_models(models, n):
     assert np.all((recon >= 0) & (recon <= 1))
 
 
+@pytest.mark.edge_batch
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16"], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("n", [0, 1])
+def test_edge_batches_through_the_whole_model(n, policy):
+    """0 and 1 images through the inference model, eagerly and in a graph whose batch is unknown
+    (as in the serving signatures), and a training step on 1: right shapes, finite values."""
+    import tensorflow as tf
+    keras.utils.set_random_seed(0)
+    train_model, inference_model = build_capsnet(dtype_policy=policy)
+    inputs, targets = batch(n)
+    graph = tf.function(inference_model, input_signature=[tf.TensorSpec([None, 28, 28, 1])])
+    for out in (inference_model(inputs["image"]), graph(tf.constant(inputs["image"]))):
+        assert tuple(out["lengths"].shape) == (n, 10) and tuple(out["recon"].shape) == (n, 784)
+        assert np.all(np.isfinite(ops.convert_to_numpy(ops.cast(out["lengths"], "float32"))))
+    if n:
+        compile_capsnet(train_model)
+        assert np.isfinite(train_model.train_on_batch(inputs, targets)[0])
+
+
 def test_models_have_named_dynamic_batch_inputs_and_outputs(models):
     train_model, inference_model = models
     assert {t.name for t in train_model.inputs} == {"image", "label"}
