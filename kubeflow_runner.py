@@ -183,23 +183,6 @@ def trainer_resources(gpus: int, accelerator: str):
     return resource_spec(accelerator=resource_spec.AcceleratorConfig(type=accelerator, count=gpus))
 
 
-def relocate_repo_paths(tfx_pipeline, repo_root: str, image_project_dir: str) -> dict:
-    """Points exec properties that name files of this checkout at the same files in the image.
-
-    create_pipeline names some files by absolute path (the schema); a pod sees the project at
-    `image_project_dir` instead. Returns {component id: {property: new value}} of what changed.
-    """
-    prefix = os.path.join(os.path.abspath(repo_root), "")
-    changed = {}
-    for component in tfx_pipeline.components:
-        for name, value in component.exec_properties.items():
-            if isinstance(value, str) and value.startswith(prefix):
-                new = os.path.join(image_project_dir, os.path.relpath(value, repo_root))
-                component.exec_properties[name] = new
-                changed.setdefault(component.id, {})[name] = new
-    return changed
-
-
 def compile_pipeline(args, config) -> tuple:
     """Compiles to <output-dir>/pipeline.json and pipeline.yaml; returns their paths.
 
@@ -220,8 +203,8 @@ def compile_pipeline(args, config) -> tuple:
         beam_pipeline_args=args.beam_args,
         compare_to_baseline=args.target == "vertex",
         enable_cache=not args.no_cache,
-        trainer_platform_config=trainer_resources(args.gpus, args.accelerator))
-    relocate_repo_paths(tfx_pipeline, str(pipeline_module.REPO_ROOT), args.image_project_dir)
+        trainer_platform_config=trainer_resources(args.gpus, args.accelerator),
+        schema_path=os.path.join(args.image_project_dir, pipeline_module.SCHEMA_RELPATH))
 
     runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
         config=tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(

@@ -15,9 +15,10 @@ import time
 
 
 def parse_args(argv):
-    from pipeline import configs  # light: no TensorFlow
+    from models.capsnet import hardware, recipe  # light: no TensorFlow
+    from pipeline import configs
 
-    defaults = configs.RunConfig()
+    defaults = configs.RunConfig().recipe
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smoke", choices=sorted(configs.PRESETS),
@@ -43,7 +44,7 @@ def parse_args(argv):
                    help=f"Adam's initial learning rate, decayed x{defaults.lr_decay} per epoch "
                         f"(default {defaults.learning_rate})")
     p.add_argument("--max-test-error", type=float,
-                   help=f"blessing bar on the test split (default {defaults.max_test_error})")
+                   help=f"blessing bar on the test split (default {configs.MAX_TEST_ERROR})")
     p.add_argument("--data-path",
                    help="MNIST to use instead of the default sources: a directory of the four "
                         "IDX .gz files or a Keras-style mnist.npz")
@@ -55,13 +56,13 @@ def parse_args(argv):
                         "against the latest blessed model")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run every component even if an identical execution exists")
-    p.add_argument("--mixed-precision", choices=configs.MIXED_PRECISION_CHOICES,
+    p.add_argument("--mixed-precision", choices=hardware.MIXED_PRECISION_CHOICES,
                    help="the Trainer's compute: 'auto' = bfloat16 (float32 variables; squash, "
                         "routing, lengths and losses in float32) on CPUs with native bf16 "
                         "(AMX-BF16, AVX512_BF16) and GPUs of compute capability >= 8.0, float32 "
                         "elsewhere; 'none' = float32; or force a Keras mixed policy. "
                         f"Default: {defaults.mixed_precision}")
-    p.add_argument("--serving-precision", choices=configs.SERVING_PRECISION_CHOICES,
+    p.add_argument("--serving-precision", choices=recipe.SERVING_PRECISION_CHOICES,
                    help="the exported serving graph's compute: float32 (fast on any CPU, built "
                         "from the float32 master weights) or mixed_bfloat16 (for serving hosts "
                         f"with native bf16). Default: {defaults.serving_precision}")
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     from models.capsnet import hardware  # first, before TFX or TensorFlow loads: only then
     from pipeline import tf_runtime      # their settings act
 
-    hardware.apply_tf_env(config.mixed_precision)
+    hardware.apply_tf_env(config.recipe.mixed_precision)
     if args.cpu_replicas:
         tf_runtime.configure_cpu_replicas(args.cpu_replicas)
     # Component progress (absl: "Component X is finished") and the data source; not Beam's chatter.
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
         print(f"MNIST source: {source}", flush=True)
         print("Compute: " + hardware.format_description(hardware.describe(
-            hardware.compute_policy(config.mixed_precision))), flush=True)
+            hardware.compute_policy(config.recipe.mixed_precision))), flush=True)
         with run_lock.hold(args.pipeline_root):
             print(f"Pipeline root {args.pipeline_root} is locked for this run", flush=True)
             metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(

@@ -13,7 +13,8 @@
       the part of the step this project's layout work targets.
   python -m bench.train_throughput --mode primarycaps
       PrimaryCaps' convolution alone (94 % of the FLOPs), forward and both gradients, on random
-      inputs: `models.capsnet.layers.conv2d_valid` as the model runs it, then (reported under
+      inputs: as the model runs it (`models.capsnet.kernels.conv2d_valid` where
+      `use_fast_path` says so), then (reported under
       "backend_gradient") the backend's own convolution and autodiff, for comparison.
   python -m bench.train_throughput --mode serve [--model DIR]
       The exported `serving_images` signature (uint8 pixels -> Transform graph -> CapsNet) on
@@ -36,7 +37,6 @@ Flags that must act before TensorFlow starts (the script imports TF only after p
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -212,11 +212,12 @@ def time_steps(step, args):
 def bench_train(args, mnist, work_dir):
     import keras
     from models import trainer
+    from models.capsnet.model import DIGIT_CAPS
+    from models.capsnet.recipe import Recipe
 
     dataset = trainer_dataset(args, mnist, work_dir)
-    config = trainer.TrainConfig(epochs=1, batch_size=args.batch, learning_rate=1e-3,
-                                 lr_decay=0.9, max_shift=args.max_shift, routings=args.routings,
-                                 mixed_precision=args.mixed_precision)
+    config = Recipe(epochs=1, batch_size=args.batch, max_shift=args.max_shift,
+                    routings=args.routings, mixed_precision=args.mixed_precision)
     strategy, train_model, _ = trainer.build_models(config)
 
     class StepTimer(keras.callbacks.Callback):
@@ -233,12 +234,13 @@ def bench_train(args, mnist, work_dir):
                     callbacks=[trainer.StopOnNonFiniteLoss(), timer])
     result = timer.clock.summary(args.batch, first=args.warmup - 1)
     result.update(replicas=strategy.num_replicas_in_sync,
-                  compute_dtype=train_model.get_layer("digit_caps").compute_dtype,
+                  compute_dtype=train_model.get_layer(DIGIT_CAPS).compute_dtype,
                   loss_first=round(timer.losses[0], 5), loss_last=round(timer.losses[-1], 5))
     return result, capsnet_flops_per_image(args.routings)["train"]
 
 
 def bench_input(args, mnist, work_dir):
+    from models.capsnet.model import IMAGE
     dataset = trainer_dataset(args, mnist, work_dir)
     it = iter(dataset)
     for _ in range(args.warmup):
@@ -247,7 +249,7 @@ def bench_input(args, mnist, work_dir):
     clock.mark()
     for _ in range(args.steps):
         inputs, _ = next(it)
-        inputs["image"].numpy()
+        inputs[IMAGE].numpy()
         clock.mark()
     return clock.summary(args.batch), None
 
@@ -278,7 +280,7 @@ def bench_primarycaps(args, mnist, work_dir):
     import numpy as np
     import tensorflow as tf
     from keras import ops
-    from models.capsnet.layers import conv2d_valid
+    from models.capsnet import kernels
 
     rng = np.random.default_rng(0)
     dtype = compute_dtype(args)
@@ -295,7 +297,12 @@ def bench_primarycaps(args, mnist, work_dir):
             return tape.gradient(loss, [x, kernel])
         return step
 
-    result = time_steps(gradients(lambda x, k: conv2d_valid(x, k, 2)), args)
+    def as_the_model_runs_it(x, k):
+        if kernels.use_fast_path("conv_backward", dtype):
+            return kernels.conv2d_valid(x, k, 2)
+        return ops.conv(x, k, strides=2)
+
+    result = time_steps(gradients(as_the_model_runs_it), args)
     backend = time_steps(gradients(lambda x, k: ops.conv(x, k, strides=2)), args)
     result["backend_gradient"] = {key: backend[key] for key in
                                   ("images_per_s", "ms_per_step_median", "cpu_ms_per_step")}
@@ -351,7 +358,7 @@ def export_fresh_model(work_dir, routings, serving_precision="float32"):
 
 def bench_serve(args, mnist, work_dir):
     import tensorflow as tf
-    from models import serving
+    from models import features, serving
 
     model_dir = args.model or export_fresh_model(work_dir, args.routings,
                                                  args.serving_precision)
@@ -360,11 +367,11 @@ def bench_serve(args, mnist, work_dir):
     batches = [tf.constant(mnist.x_test[i * args.batch:(i + 1) * args.batch])
                for i in range(min(n_batches, args.warmup + args.steps))]
     for i in range(args.warmup):
-        signature(images=batches[i % len(batches)])[serving.SCORES].numpy()
+        signature(images=batches[i % len(batches)])[features.SCORES].numpy()
     clock = Clock()
     clock.mark()
     for i in range(args.steps):
-        signature(images=batches[(args.warmup + i) % len(batches)])[serving.SCORES].numpy()
+        signature(images=batches[(args.warmup + i) % len(batches)])[features.SCORES].numpy()
         clock.mark()
     result = clock.summary(args.batch)
     with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:

@@ -35,17 +35,21 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from data.splits import OFFICIAL_SIZES
+
 logger = logging.getLogger("data.mnist")
 
 CANONICAL_FILENAME = "mnist.npz"
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 
+IMAGE_SIDE = 28  # every MNIST image is IMAGE_SIDE x IMAGE_SIDE uint8 pixels
+
 # Identity of the data set, independent of the source: sha256 of np.ascontiguousarray(a).tobytes().
 EXPECTED_SHAPES: Dict[str, Tuple[int, ...]] = {
-    "x_train": (60000, 28, 28),
-    "y_train": (60000,),
-    "x_test": (10000, 28, 28),
-    "y_test": (10000,),
+    "x_train": (OFFICIAL_SIZES["train"], IMAGE_SIDE, IMAGE_SIDE),
+    "y_train": (OFFICIAL_SIZES["train"],),
+    "x_test": (OFFICIAL_SIZES["test"], IMAGE_SIDE, IMAGE_SIDE),
+    "y_test": (OFFICIAL_SIZES["test"],),
 }
 EXPECTED_SHA256: Dict[str, str] = {
     "x_train": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
@@ -63,7 +67,6 @@ IDX_FILES: Dict[str, str] = {
 }
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dims (n, rows, cols)
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dim (n)
-IMAGE_SIDE = 28
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 IDX_BASE_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"

@@ -12,6 +12,7 @@ from typing import Dict, NamedTuple
 
 SPLITS = ("train", "valid", "test")
 OFFICIAL_SIZES = {"train": 60000, "test": 10000}
+DEFAULT_VALID_SIZE = 5000  # the valid split: the last 5,000 official training images (55k / 5k)
 
 
 class SplitRange(NamedTuple):

@@ -22,10 +22,8 @@ import keras
 import tensorflow as tf
 
 from models import features
-from models.capsnet.visualize import KERAS_MODEL_FILE
+from models.capsnet.model import CONV1, KERAS_MODEL_FILE, LENGTHS
 
-SCORES = "scores"
-CLASSES = "classes"
 IMAGES_SIGNATURE = "serving_images"
 MODEL_INFO_FILE = "model_info.json"  # under assets.extra/, ignored by TF Serving
 
@@ -52,8 +50,8 @@ def images_to_raw_bytes(images: tf.Tensor) -> tf.Tensor:
 
 
 def _outputs(model: keras.Model, images: tf.Tensor) -> dict:
-    lengths = model(images, training=False)["lengths"]
-    return {SCORES: lengths, CLASSES: tf.argmax(lengths, axis=-1)}
+    lengths = model(images, training=False)[LENGTHS]
+    return {features.SCORES: lengths, features.CLASSES: tf.argmax(lengths, axis=-1)}
 
 
 def export_serving_model(model: keras.Model, tft_output, export_dir: str,
@@ -103,7 +101,7 @@ def _write_model_info(model: keras.Model, export_dir: str, trained_with: Optiona
         "keras_backend": keras.backend.backend(),
         "model_class": f"{type(model).__module__}.{type(model).__name__}",
         "trainable_params": int(sum(keras.ops.size(w) for w in model.trainable_weights)),
-        "serving_compute_dtype": model.get_layer("conv1").compute_dtype,
+        "serving_compute_dtype": model.get_layer(CONV1).compute_dtype,
         "training": trained_with or {},
     }
     extra = os.path.join(export_dir, "assets.extra")

@@ -6,9 +6,8 @@
 exports the serving SavedModel (see `models.serving`). The test split is never read here.
 """
 
-import dataclasses
 import math
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import keras
 import tensorflow as tf
@@ -17,50 +16,22 @@ from absl import logging
 from tfx_bsl.public import tfxio
 
 from models import features, serving
-from models.capsnet import build_capsnet, compile_capsnet, hardware
-from models.capsnet.model import policy_of, with_dtype_policy
+from models.optimizers import FusedAdam
+from models.capsnet import augment, build_capsnet, compile_capsnet, hardware
+from models.capsnet.model import IMAGE, LABEL, LENGTHS, RECON, policy_of, with_dtype_policy
+from models.capsnet.recipe import Recipe
 
 IMAGE_XF = features.transformed_name(features.IMAGE_KEY)
 LABEL_XF = features.transformed_name(features.LABEL_KEY)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Training recipe; the Trainer receives it as `custom_config` (see pipeline/configs.py)."""
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    lr_decay: float      # learning rate after epoch e: learning_rate * lr_decay ** e
-    max_shift: int       # random integer shift of up to ±max_shift px, zero fill; train only
-    routings: int
-    # hardware.MIXED_PRECISION_CHOICES; configs from before the field: float32
-    mixed_precision: Optional[str] = hardware.NONE
-    serving_precision: str = "float32"  # or "mixed_bfloat16": the exported graph's compute
-
-    @classmethod
-    def from_custom_config(cls, custom_config: Dict[str, Any]) -> "TrainConfig":
-        """Required fields must be present; fields with a default may be missing (older configs)."""
-        return cls(**{f.name: custom_config[f.name] for f in dataclasses.fields(cls)
-                      if f.name in custom_config or f.default is dataclasses.MISSING})
-
-
 def random_shift(images: tf.Tensor, max_shift: int) -> tf.Tensor:
-    """Shifts each image by its own random integer (dy, dx) in [-max_shift, max_shift], zero fill.
-
-    Vectorised: pad by max_shift, then gather a 28x28 window per image at a random offset.
-    [B, 28, 28, C] -> [B, 28, 28, C].
-    """
+    """Each image moved by its own random integer (dy, dx) in [-max_shift, max_shift], zero fill
+    (`augment.shift`): [B, 28, 28, C] -> [B, 28, 28, C]."""
     if max_shift == 0:
         return images
-    size = features.IMAGE_SIZE
-    batch = tf.shape(images)[0]
-    padded = tf.pad(images, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
-    offsets = tf.random.uniform([2, batch], 0, 2 * max_shift + 1, dtype=tf.int32)
-    window = tf.range(size)[tf.newaxis, :]
-    rows = offsets[0][:, tf.newaxis] + window  # [B, 28]
-    cols = offsets[1][:, tf.newaxis] + window
-    padded = tf.gather(padded, rows, axis=1, batch_dims=1)  # [B, 28, 28 + 2s, C]
-    return tf.gather(padded, cols, axis=2, batch_dims=1)
+    offsets = tf.random.uniform([2, tf.shape(images)[0]], 0, 2 * max_shift + 1, dtype=tf.int32)
+    return augment.shift(images, offsets, max_shift)
 
 
 def to_model_io(batch: Dict[str, tf.Tensor], max_shift: int):
@@ -72,7 +43,7 @@ def to_model_io(batch: Dict[str, tf.Tensor], max_shift: int):
     images = random_shift(batch[IMAGE_XF], max_shift)
     onehot = tf.one_hot(tf.reshape(batch[LABEL_XF], [-1]), features.NUM_CLASSES)
     flat = tf.reshape(images, [-1, features.NUM_PIXELS])
-    return {"image": images, "label": onehot}, {"lengths": onehot, "recon": flat}
+    return {IMAGE: images, LABEL: onehot}, {LENGTHS: onehot, RECON: flat}
 
 
 def make_dataset(file_pattern, data_accessor, schema, batch_size: int, train: bool,
@@ -117,38 +88,6 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 f"nothing will be evaluated or pushed. Lower the learning rate or check the data.")
 
 
-class FusedAdam(keras.optimizers.Adam):
-    """keras.optimizers.Adam, with its dense update done by TensorFlow's fused ResourceApplyAdam.
-
-    The same update (Kingma & Ba with the epsilon-hat form, exactly as Keras writes it):
-        lr_t = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
-        m += (g - m)(1 - beta_1);  v += (g^2 - v)(1 - beta_2);  w -= lr_t m / (sqrt(v) + eps)
-    but one in-place kernel per variable instead of ~10 elementwise ops, each writing a
-    temporary as large as the variable (8.2M parameters: ~85 -> ~15 CPU-ms a step here).
-    AMSGrad and sparse gradients take Keras' path. Works under MirroredStrategy (Keras calls
-    update_step per device, where the slots' handles are that device's copies).
-    """
-
-    def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
-            return super().update_step(gradient, variable, learning_rate)
-        dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        index = self._get_variable_index(variable)
-        tf.raw_ops.ResourceApplyAdam(
-            var=_handle(variable), m=_handle(self._momentums[index]),
-            v=_handle(self._velocities[index]),
-            beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
-            lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
-            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
-
-
-def _handle(variable):
-    """The resource handle of a Keras or TF variable (a MirroredVariable's: this device's)."""
-    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
-
-
 def compute_policy(mixed_precision: Optional[str]) -> Optional[str]:
     """The dtype policy to build with (`hardware.compute_policy`; None is float32), logged with
     the CPU, its bf16 support and TensorFlow's CPU runtime."""
@@ -158,7 +97,7 @@ def compute_policy(mixed_precision: Optional[str]) -> Optional[str]:
     return policy
 
 
-def build_models(config: TrainConfig):
+def build_models(config: Recipe):
     """(strategy, train_model, inference_model): the CapsNet built and compiled inside
     `tf.distribute.MirroredStrategy()` (every visible GPU; the CPU, or its logical devices, when
     there is none), with the config's routings, learning rate and compute dtype."""
@@ -173,7 +112,7 @@ def build_models(config: TrainConfig):
 
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point (GenericExecutor)."""
-    config = TrainConfig.from_custom_config(fn_args.custom_config)
+    config = Recipe.from_custom_config(fn_args.custom_config)
     logging.info("CapsNet training with Keras %s (%s backend): %s",
                  keras.__version__, keras.backend.backend(), config)
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
@@ -192,15 +131,12 @@ def run_fn(fn_args) -> None:
         validation_data=valid_ds,  # finite: one full pass over the valid split per epoch
         callbacks=[
             StopOnNonFiniteLoss(),
-            keras.callbacks.LearningRateScheduler(
-                lambda epoch: config.learning_rate * config.lr_decay ** epoch),
+            keras.callbacks.LearningRateScheduler(config.learning_rate_at),
             keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
         ],
         verbose=2)
     # The serving graph computes in float32 unless asked otherwise, whatever training used: a
     # graph of bf16 ops crawls where bf16 is emulated, and the serving host is rarely this one.
-    serving_model = with_dtype_policy(
-        inference_model, config.routings,
-        None if config.serving_precision == "float32" else config.serving_precision)
+    serving_model = with_dtype_policy(inference_model, config.routings, config.serving_policy())
     serving.export_serving_model(serving_model, tft_output, fn_args.serving_model_dir,
                                  trained_with=hardware.describe(policy_of(train_model)))

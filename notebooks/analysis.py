@@ -12,13 +12,13 @@ and the examples it read. Cached executions count: TFX records them with the out
   plot_*                                          static matplotlib figures (render anywhere)
 """
 
-import dataclasses
 import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from models import features
+from pipeline import evaluation, mlmd
 
 _FIGURE_DPI = 100
 
@@ -47,73 +47,10 @@ def open_store(pipeline_root: str, metadata_path: Optional[str] = None):
     return metadata_store.MetadataStore(config)
 
 
-@dataclasses.dataclass
-class ComponentRun:
-    """One execution of a component, with its input and output artifacts by key."""
-    execution: object          # metadata_store_pb2.Execution
-    inputs: Dict[str, list]    # key -> [metadata_store_pb2.Artifact]
-    outputs: Dict[str, list]
-
-    @property
-    def cached(self) -> bool:
-        from ml_metadata.proto import metadata_store_pb2
-        return self.execution.last_known_state == metadata_store_pb2.Execution.CACHED
-
-    def output(self, key: str):
-        return self.outputs[key][0]
-
-    def input(self, key: str):
-        return self.inputs[key][0]
-
-
-def _under(uri: str, root: str) -> bool:
-    root = root.rstrip("/")
-    if "://" not in root:
-        root, uri = os.path.abspath(root), os.path.abspath(uri) if "://" not in uri else uri
-    return uri == root or uri.startswith(root + "/")
-
-
-def latest_execution(store, pipeline_root: str, component: str) -> ComponentRun:
-    """The newest successful or cached execution of `component` (its class name, e.g.
-    'Evaluator') whose outputs lie under pipeline_root.
-    """
-    from ml_metadata.proto import metadata_store_pb2
-
-    done = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
-    inputs = (metadata_store_pb2.Event.INPUT, metadata_store_pb2.Event.DECLARED_INPUT)
-    outputs = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
-    types = [t.name for t in store.get_execution_types() if t.name.split(".")[-1] == component]
-    executions = sorted((e for t in types for e in store.get_executions_by_type(t)
-                         if e.last_known_state in done), key=lambda e: e.id, reverse=True)
-    for execution in executions:
-        events = store.get_events_by_execution_ids([execution.id])
-        artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
-        run = ComponentRun(execution, {}, {})
-        for event in sorted(events, key=lambda e: (e.path.steps[0].key, e.path.steps[-1].index)):
-            side = run.inputs if event.type in inputs else run.outputs if event.type in outputs \
-                else None
-            if side is not None:
-                side.setdefault(event.path.steps[0].key, []).append(artifacts[event.artifact_id])
-        uris = [a.uri for artifacts_ in run.outputs.values() for a in artifacts_]
-        if uris and all(_under(uri, pipeline_root) for uri in uris):
-            return run
-    raise LookupError(f"no finished {component} execution wrote under {pipeline_root}")
-
-
-def producer(store, artifact) -> ComponentRun:
-    """The execution that first wrote `artifact` (e.g. the Trainer run of a model)."""
-    from ml_metadata.proto import metadata_store_pb2
-
-    events = [e for e in store.get_events_by_artifact_ids([artifact.id])
-              if e.type == metadata_store_pb2.Event.OUTPUT]
-    execution = store.get_executions_by_id([min(e.execution_id for e in events)])[0]
-    run_events = store.get_events_by_execution_ids([execution.id])
-    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in run_events])}
-    run = ComponentRun(execution, {}, {})
-    for event in run_events:
-        side = run.outputs if event.type == metadata_store_pb2.Event.OUTPUT else run.inputs
-        side.setdefault(event.path.steps[0].key, []).append(artifacts[event.artifact_id])
-    return run
+# The runs themselves: pipeline/mlmd.py, the reader the end-of-run summary uses too.
+ComponentRun = mlmd.ComponentRun
+latest_execution = mlmd.latest_execution
+producer = mlmd.producer
 
 
 def serving_model_dir(model) -> str:
@@ -139,24 +76,11 @@ def split_dir(examples, split: str) -> str:
 # TFMA output
 # --------------------------------------------------------------------------------------------
 
-def _slice_metrics(evaluation_uri: str) -> Dict[tuple, Dict[str, float]]:
-    """{slice key as ((column, value), ...): {metric: value}} of the candidate model."""
-    import tensorflow_model_analysis as tfma
-
-    by_slice = {}
-    for metrics in tfma.load_metrics(evaluation_uri):
-        key = tuple((k.column, k.int64_value) for k in metrics.slice_key.single_slice_keys)
-        by_slice[key] = {kv.key.name: kv.value.double_value.value
-                         for kv in metrics.metric_keys_and_values
-                         if kv.key.model_name in ("", "candidate") and not kv.key.is_diff}
-    return by_slice
-
-
 def overall(evaluation_uri: str) -> Dict[str, float]:
     """Test accuracy, error, example count and number of errors on the whole test split."""
     from pipeline.evaluation import ACCURACY
 
-    metrics = _slice_metrics(evaluation_uri)[()]
+    metrics = mlmd.slice_metrics(evaluation_uri)[()]
     count = int(metrics["example_count"])
     return {"accuracy": metrics[ACCURACY], "error": 1.0 - metrics[ACCURACY],
             "example_count": count, "errors": round((1.0 - metrics[ACCURACY]) * count)}
@@ -179,7 +103,7 @@ def validation_table(evaluation_uri: str):
                 for per_slice in tfma.load_validation_result(evaluation_uri)
                 .metric_validations_per_slice for f in per_slice.failures}
     total = overall(evaluation_uri)
-    values = _slice_metrics(evaluation_uri)[()]
+    values = mlmd.slice_metrics(evaluation_uri)[()]
     regression = "no regression vs. the latest blessed model"
     rows, has_change = [], False
     for spec in eval_config.metrics_specs:
@@ -223,9 +147,8 @@ def _value_row(name, bounds, value, failure, total) -> dict:
                                      ([f"<= {upper:.6g}"] if upper is not None else [])),
            "value": value, "passed": failure is None, "margin": min(margins)}
     if name == "sparse_categorical_accuracy" and lower is not None:
-        # pipeline.evaluation puts the bound half an example below the allowed error count.
         row["errors"] = total["errors"]
-        row["allowed_errors"] = round((1.0 - lower) * total["example_count"] - 0.5)
+        row["allowed_errors"] = evaluation.allowed_errors(lower, total["example_count"])
     return row
 
 
@@ -234,7 +157,7 @@ def per_digit(evaluation_uri: str):
     import pandas as pd
     from pipeline.evaluation import ACCURACY
 
-    rows = {key[0][1]: m for key, m in _slice_metrics(evaluation_uri).items()
+    rows = {key[0][1]: m for key, m in mlmd.slice_metrics(evaluation_uri).items()
             if len(key) == 1 and key[0][0] == features.LABEL_KEY}
     table = pd.DataFrame(
         [{"digit": d, "example_count": int(m["example_count"]), "accuracy": m[ACCURACY]}
@@ -302,8 +225,8 @@ def predict(saved_model_dir: str, images: np.ndarray, batch_size: int = 100):
     classes, scores = [], []
     for start in range(0, len(images), batch_size):
         out = serve(images=tf.constant(images[start:start + batch_size]))
-        classes.append(out[serving.CLASSES].numpy())
-        scores.append(out[serving.SCORES].numpy())
+        classes.append(out[features.CLASSES].numpy())
+        scores.append(out[features.SCORES].numpy())
     return np.concatenate(classes), np.concatenate(scores)
 
 

@@ -10,7 +10,6 @@ import math
 import tensorflow_model_analysis as tfma
 
 from models import features
-from models.serving import SCORES
 
 ACCURACY = "sparse_categorical_accuracy"
 
@@ -27,6 +26,11 @@ def accuracy_lower_bound(max_test_error: float, n_test: int) -> float:
     either in float32 (its resolution near 1 is 6e-8; half an example of 10k is 5e-5).
     """
     return 1.0 - (max_test_errors(max_test_error, n_test) + 0.5) / n_test
+
+
+def allowed_errors(lower_bound: float, n_test: int) -> int:
+    """The error count an accuracy bound made by `accuracy_lower_bound` allows (its inverse)."""
+    return round((1.0 - lower_bound) * n_test - 0.5)
 
 
 def make_eval_config(max_test_error: float, n_test: int, compare_to_baseline: bool
@@ -47,7 +51,7 @@ def make_eval_config(max_test_error: float, n_test: int, compare_to_baseline: bo
     return tfma.EvalConfig(
         # One spec: with a baseline model, TFX's Evaluator derives the candidate/baseline pair.
         model_specs=[tfma.ModelSpec(signature_name="serving_default",
-                                    label_key=features.LABEL_KEY, prediction_key=SCORES)],
+                                    label_key=features.LABEL_KEY, prediction_key=features.SCORES)],
         slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[features.LABEL_KEY])],
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),

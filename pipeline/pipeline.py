@@ -20,7 +20,8 @@ from pipeline import evaluation
 from pipeline.configs import RunConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCHEMA_FILE = str(REPO_ROOT / "pipeline" / "schema.pbtxt")
+SCHEMA_RELPATH = "pipeline/schema.pbtxt"  # in the project, here and in the pipeline image
+SCHEMA_FILE = str(REPO_ROOT / SCHEMA_RELPATH)
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.trainer.run_fn"
 
@@ -50,6 +51,7 @@ def create_pipeline(
     compare_to_baseline: bool = True,
     enable_cache: bool = True,
     trainer_platform_config: Optional[message.Message] = None,
+    schema_path: str = SCHEMA_FILE,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline.
 
@@ -67,11 +69,13 @@ def create_pipeline(
       trainer_platform_config: orchestrator resources for the Trainer, applied with
         `with_platform_config`; kubeflow_runner.py passes a KFP ResourceSpec that requests GPUs.
         None (local runs): no request.
+      schema_path: the checked-in schema as the components will see it: this checkout's by
+        default; kubeflow_runner.py passes its path inside the pipeline image.
     """
     example_gen = MnistExampleGen(input_base=data_root, valid_size=config.valid_size,
                                   data_fraction=config.data_fraction)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=SCHEMA_FILE)
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_path)
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
     anomalies_gate = AnomaliesGate(anomalies=example_validator.outputs["anomalies"])
@@ -90,9 +94,9 @@ def create_pipeline(
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
         train_args=tfx.proto.TrainArgs(
-            splits=["train"], num_steps=config.epochs * config.train_steps_per_epoch()),
+            splits=["train"], num_steps=config.recipe.epochs * config.train_steps_per_epoch()),
         eval_args=tfx.proto.EvalArgs(splits=["valid"]),  # all of it, every epoch
-        custom_config={**config.trainer_custom_config(),
+        custom_config={**config.recipe.to_custom_config(),
                        "code_fingerprint": code_fingerprint("models")})
     if trainer_platform_config is not None:
         trainer.with_platform_config(trainer_platform_config)

@@ -1,8 +1,5 @@
-"""What the latest run produced, read back from ML Metadata: test error, blessing, push, paths.
-
-TFX records every node's execution in the run's `pipeline_run` context, cached ones included
-(with the outputs they reused), so the summary follows the metadata instead of guessing paths.
-"""
+"""What the latest run produced, read back from ML Metadata (pipeline/mlmd.py): test error,
+blessing, push, paths, and how the Trainer computed."""
 
 import dataclasses
 import json
@@ -15,57 +12,19 @@ import tensorflow_model_analysis as tfma
 from tensorflow_model_analysis.writers import eval_config_writer
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
+from tfx.utils import path_utils
 
+from models import serving
 from models.capsnet import hardware
+from pipeline import mlmd
 from pipeline.evaluation import ACCURACY
-
-_OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
-
-
-@dataclasses.dataclass
-class NodeRun:
-    """One node's execution in a pipeline run and its output artifacts by output key."""
-    execution: metadata_store_pb2.Execution
-    outputs: Dict[str, metadata_store_pb2.Artifact]
-
-    @property
-    def cached(self) -> bool:
-        return self.execution.last_known_state == metadata_store_pb2.Execution.CACHED
-
-
-def latest_run(store: metadata_store.MetadataStore, pipeline_name: str) -> Dict[str, NodeRun]:
-    """{node id: NodeRun} for the pipeline's most recent run."""
-    pipeline = store.get_context_by_type_and_name("pipeline", pipeline_name)
-    if pipeline is None:
-        raise LookupError(f"pipeline {pipeline_name!r} has no runs in this metadata store")
-    run = max((c for c in store.get_children_contexts_by_context(pipeline.id)
-               if c.type == "pipeline_run"), key=lambda c: c.id)
-    executions = store.get_executions_by_context(run.id)
-    events = store.get_events_by_execution_ids([e.id for e in executions])
-    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
-    nodes = {}
-    for execution in sorted(executions, key=lambda e: e.id):
-        outputs = {e.path.steps[0].key: artifacts[e.artifact_id] for e in events
-                   if e.execution_id == execution.id and e.type in _OUTPUT_EVENTS}
-        nodes[_node_id(store, execution)] = NodeRun(execution, outputs)
-    return nodes
-
-
-def _node_id(store, execution) -> str:
-    for context in store.get_contexts_by_execution(execution.id):
-        if context.type == "node":
-            return context.name.split(".", 1)[1]
-    raise LookupError(f"execution {execution.id} belongs to no node")
-
 
 def overall_metrics(evaluation_uri: str) -> Dict[str, float]:
     """{metric name: value} of the candidate model on the overall (unsliced) test split."""
-    for metrics in tfma.load_metrics(evaluation_uri):
-        if not metrics.slice_key.single_slice_keys:
-            return {kv.key.name: kv.value.double_value.value
-                    for kv in metrics.metric_keys_and_values
-                    if kv.key.model_name in ("", "candidate") and not kv.key.is_diff}
-    raise LookupError(f"no overall slice in the TFMA metrics at {evaluation_uri}")
+    metrics = mlmd.slice_metrics(evaluation_uri)
+    if () not in metrics:
+        raise LookupError(f"no overall slice in the TFMA metrics at {evaluation_uri}")
+    return metrics[()]
 
 
 def threshold_report(evaluation_uri: str) -> List[str]:
@@ -140,27 +99,28 @@ class RunSummary:
 def summarize(connection_config: metadata_store_pb2.ConnectionConfig, pipeline_name: str
               ) -> RunSummary:
     """Summary of the pipeline's latest run."""
-    nodes = latest_run(metadata_store.MetadataStore(connection_config), pipeline_name)
-    evaluation = nodes["Evaluator"].outputs["evaluation"].uri
+    nodes = mlmd.latest_run(metadata_store.MetadataStore(connection_config), pipeline_name)
+    evaluation = nodes["Evaluator"].output("evaluation").uri
     metrics = overall_metrics(evaluation)
-    pushed = nodes["Pusher"].outputs["pushed_model"].custom_properties
+    pushed = nodes["Pusher"].output("pushed_model").custom_properties
     return RunSummary(
         test_error=1.0 - metrics[ACCURACY],
         test_examples=int(metrics["example_count"]),
-        blessed=nodes["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 1,
+        blessed=nodes["Evaluator"].output("blessing").custom_properties["blessed"].int_value == 1,
         thresholds=threshold_report(evaluation),
         pushed_to=(pushed["pushed_destination"].string_value
                    if pushed["pushed"].int_value == 1 else None),
         evaluation_uri=evaluation,
-        tensorboard_uri=nodes["Trainer"].outputs["model_run"].uri,
+        tensorboard_uri=nodes["Trainer"].output("model_run").uri,
         cached_nodes=[node for node, run in nodes.items() if run.cached],
-        trained_with=trained_with(nodes["Trainer"].outputs["model"].uri))
+        trained_with=trained_with(nodes["Trainer"].output("model").uri))
 
 
 def trained_with(model_uri: str) -> Dict[str, str]:
     """How the Trainer computed (CPU, its bf16 support, runtime, dtype), from the model's
     assets.extra/model_info.json; {} when the file or the record is missing."""
-    path = os.path.join(model_uri, "Format-Serving", "assets.extra", "model_info.json")
+    path = os.path.join(path_utils.serving_model_dir(model_uri), "assets.extra",
+                        serving.MODEL_INFO_FILE)
     try:
         with tf.io.gfile.GFile(path) as f:
             return json.load(f).get("training", {})

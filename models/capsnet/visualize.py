@@ -23,16 +23,13 @@ import sys
 import keras
 import numpy as np
 
-KERAS_MODEL_FILE = os.path.join("keras", "capsnet.keras")  # relative to a SavedModel dir
-SERVING_SUBDIR = "Format-Serving"  # the Trainer's SavedModel, inside its model artifact
+from data.mnist import IMAGE_SIDE
+from models.capsnet.model import DECODER, DIGIT_CAPS, KERAS_MODEL_FILE
 
-# Layer names of models.capsnet.model.build_capsnet.
-CAPSULES_LAYER = "digit_caps"
-DECODER_LAYER = "decoder"
+SERVING_SUBDIR = "Format-Serving"  # the Trainer's SavedModel, inside its model artifact
 
 # Figure 4: every dimension perturbed by [-0.25, 0.25] in steps of 0.05 (11 values, 0 included).
 DELTAS = tuple(np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2).tolist())
-IMAGE_SIDE = 28
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +76,7 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 
 def digit_capsules(model: keras.Model, images: np.ndarray) -> np.ndarray:
     """The DigitCaps output v for uint8 images: [N, 10, 16]."""
-    capsules = keras.Model(model.input, model.get_layer(CAPSULES_LAYER).output)
+    capsules = keras.Model(model.input, model.get_layer(DIGIT_CAPS).output)
     v = capsules(to_model_input(images), training=False)
     return keras.ops.convert_to_numpy(v).astype("float32")  # float16 under a mixed policy
 
@@ -91,7 +88,7 @@ def decode(model: keras.Model, capsules: np.ndarray, classes: np.ndarray) -> np.
     n, n_class, dim = capsules.shape
     keep = np.eye(n_class, dtype="float32")[np.asarray(classes)]  # [N, n_class]
     masked = (capsules * keep[:, :, None]).reshape(n, n_class * dim)
-    pixels = model.get_layer(DECODER_LAYER)(masked, training=False)
+    pixels = model.get_layer(DECODER)(masked, training=False)
     return keras.ops.convert_to_numpy(pixels).reshape(n, IMAGE_SIDE, IMAGE_SIDE)
 
 

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from kfp import compiler, components, dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from models.capsnet.recipe import Recipe
 from pipeline import configs, evaluation, pipeline as pipeline_module
 from tests.kubeflow.conftest import (BUCKET, DATAFLOW_ARGS, IMAGE, compile_kfp, compiled_edges,
                                      dependency_edges)
@@ -139,8 +140,9 @@ def test_trainer_runs_the_project_code_by_name_with_the_preset(kfp_compiled):
     assert kfp_compiled.parameter("Transform", "preprocessing_fn") == pipeline_module.PREPROCESSING_FN
     full = configs.PRESETS["full"]
     train_args = json.loads(kfp_compiled.parameter("Trainer", "train_args"))
-    assert int(train_args["num_steps"]) == full.epochs * full.train_steps_per_epoch()
-    assert json.loads(kfp_compiled.parameter("Trainer", "custom_config"))["epochs"] == full.epochs
+    assert int(train_args["num_steps"]) == full.recipe.epochs * full.train_steps_per_epoch()
+    custom_config = json.loads(kfp_compiled.parameter("Trainer", "custom_config"))
+    assert Recipe.from_custom_config(custom_config) == full.recipe
 
 
 def test_beam_args_reach_every_step(kfp_compiled):

@@ -17,14 +17,6 @@ def test_metadata_next_to_the_pipeline_root(tmp_path):
         analysis.open_store(str(tmp_path / "pipeline_root"))
 
 
-def test_under_the_pipeline_root():
-    assert analysis._under("/a/root/Evaluator/evaluation/9", "/a/root")
-    assert analysis._under("/a/root/Evaluator/evaluation/9", "/a/root/")
-    assert not analysis._under("/a/root2/Evaluator/evaluation/9", "/a/root")
-    assert analysis._under("gs://b/root/Trainer/model/3", "gs://b/root")
-    assert not analysis._under("gs://b/other/Trainer/model/3", "gs://b/root")
-
-
 def test_reconstruction_measures_prefer_the_own_input():
     rng = np.random.default_rng(0)
     images = (rng.uniform(size=(6, 28, 28)) < 0.2).astype("uint8") * 255

@@ -49,7 +49,7 @@ def run(runs, tmp_path_factory):
         out = tmp_path_factory.mktemp("notebook_run")
         run_local(out, *runs["flags"], "--max-test-error", "1.0")
         nodes = latest_nodes(out)
-    pushed = nodes["Pusher"].outputs["pushed_model"].custom_properties
+    pushed = nodes["Pusher"].output("pushed_model").custom_properties
     assert pushed["pushed"].int_value == 1
     return {"out": out, "nodes": nodes, "pushed": pushed["pushed_destination"].string_value}
 
@@ -123,14 +123,14 @@ def pictures_nb(run, tmp_path_factory, mnist_cache_dir):
 def test_analysis_finds_the_latest_evaluator_output_through_ml_metadata(run, analysis_nb):
     _, values = analysis_nb
     nodes = run["nodes"]
-    assert values["evaluation_uri"] == nodes["Evaluator"].outputs["evaluation"].uri
-    assert values["model_dir"] == os.path.join(nodes["Trainer"].outputs["model"].uri,
+    assert values["evaluation_uri"] == nodes["Evaluator"].output("evaluation").uri
+    assert values["model_dir"] == os.path.join(nodes["Trainer"].output("model").uri,
                                                "Format-Serving")
 
 
 def test_analysis_shows_tfma_overall_metrics_and_the_blessing(run, analysis_nb):
     nb, values = analysis_nb
-    evaluation = run["nodes"]["Evaluator"].outputs["evaluation"].uri
+    evaluation = run["nodes"]["Evaluator"].output("evaluation").uri
     tfma_overall = summary.overall_metrics(evaluation)
     assert values["overall"]["example_count"] == N_TEST == tfma_overall["example_count"]
     assert values["overall"]["accuracy"] == pytest.approx(tfma_overall[ACCURACY], abs=1e-9)

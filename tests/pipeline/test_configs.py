@@ -32,8 +32,9 @@ def test_bad_split_arguments_are_refused(valid_size, fraction):
 
 def test_full_preset_is_the_seed_recipe():
     full = configs.PRESETS["full"]
-    assert (full.epochs, full.batch_size, full.learning_rate, full.lr_decay, full.max_shift,
-            full.data_fraction, full.routings) == (50, 100, 1e-3, 0.9, 2, 1.0, 3)
+    recipe = full.recipe
+    assert (recipe.epochs, recipe.batch_size, recipe.learning_rate, recipe.lr_decay,
+            recipe.max_shift, full.data_fraction, recipe.routings) == (50, 100, 1e-3, 0.9, 2, 1.0, 3)
     assert full.train_steps_per_epoch() == 550
     assert full.max_test_error == 0.004
 
@@ -41,11 +42,12 @@ def test_full_preset_is_the_seed_recipe():
 def test_smoke_preset_is_small():
     smoke = configs.PRESETS["smoke"]
     assert sum(smoke.split_sizes().values()) == 3500
-    assert smoke.epochs * smoke.train_steps_per_epoch() == 40
+    assert smoke.recipe.epochs * smoke.train_steps_per_epoch() == 40
 
 
 def test_preset_overrides_and_refusals():
-    assert configs.preset("smoke", epochs=3, batch_size=None).epochs == 3
+    assert configs.preset("smoke", epochs=3, batch_size=None).recipe.epochs == 3
+    assert configs.preset("smoke", epochs=3).recipe.batch_size == 32  # the preset's own
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         configs.preset("huge")
     for field, value in [("epochs", 0), ("batch_size", -1), ("steps_per_epoch", 0),
@@ -59,7 +61,7 @@ def test_runner_defaults_paths_under_output_dir(tmp_path):
     assert args.pipeline_root == str(tmp_path / "pipeline_root")
     assert args.metadata_path == str(tmp_path / "metadata.sqlite")
     assert args.serving_dir == str(tmp_path / "serving_model")
-    assert config.epochs == 2 and config.data_fraction == 0.05
+    assert config.recipe.epochs == 2 and config.data_fraction == 0.05
 
 
 def test_runner_help_explains_every_flag():

@@ -41,7 +41,7 @@ def test_first_run_executes_every_component(runs):
 
 
 def test_example_counts_per_split(runs):
-    examples = runs["nodes"][0]["MnistExampleGen"].outputs["examples"].uri
+    examples = runs["nodes"][0]["MnistExampleGen"].output("examples").uri
     sizes = SMOKE.split_sizes()
     assert sizes == {"train": 2750, "valid": 250, "test": 500}
     for split, n in sizes.items():
@@ -49,7 +49,7 @@ def test_example_counts_per_split(runs):
 
 
 def test_examples_hold_the_verified_pixels(runs, mnist_arrays):
-    examples = runs["nodes"][0]["MnistExampleGen"].outputs["examples"].uri
+    examples = runs["nodes"][0]["MnistExampleGen"].output("examples").uri
     files = glob.glob(os.path.join(examples, "Split-test", "*.gz"))
     by_label = {}
     for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
@@ -62,7 +62,7 @@ def test_examples_hold_the_verified_pixels(runs, mnist_arrays):
 
 
 def test_transform_graph_normalises_raw_examples(runs, mnist_arrays):
-    tft_output = tft.TFTransformOutput(runs["nodes"][0]["Transform"].outputs["transform_graph"].uri)
+    tft_output = tft.TFTransformOutput(runs["nodes"][0]["Transform"].output("transform_graph").uri)
     image = mnist_arrays.x_test[0]
     out = tft_output.transform_raw_features(
         {"image": tf.constant([[image.tobytes()]]), "label": tf.constant([[7]], tf.int64)})
@@ -71,7 +71,7 @@ def test_transform_graph_normalises_raw_examples(runs, mnist_arrays):
 
 
 def test_exported_model_answers_on_both_signatures(runs, mnist_arrays):
-    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].output("model").uri, "Format-Serving")
     loaded = tf.saved_model.load(model_dir)
     assert set(loaded.signatures) == {"serving_default", serving.IMAGES_SIGNATURE}
     images = mnist_arrays.x_test[:5]
@@ -92,14 +92,14 @@ def test_exported_model_answers_on_both_signatures(runs, mnist_arrays):
 
 
 def test_exported_model_was_built_by_keras_3(runs):
-    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].output("model").uri, "Format-Serving")
     with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:
         info = json.load(f)
     assert info["keras_version"].startswith("3.")
     assert info["model_class"].startswith("keras.src.")
     assert info["trainable_params"] == 8215568
     # The Trainer's compute is the chooser's on this machine, and the summary says so.
-    policy = hardware.compute_policy(SMOKE.mixed_precision)
+    policy = hardware.compute_policy(SMOKE.recipe.mixed_precision)
     assert info["training"] == hardware.describe(policy)
     assert info["serving_compute_dtype"] == "float32"
     assert f"Trained with: {hardware.format_description(info['training'])}" in runs["stdout"][0]
@@ -125,7 +125,7 @@ def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(
     test images its classes are those of the model as trained (with its training dtype policy)
     on >= 99.9 % of them."""
     from models.capsnet.model import with_dtype_policy
-    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].output("model").uri, "Format-Serving")
     assert bfloat16_ops(model_dir) == set()
     with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:
         trained_dtype = json.load(f)["training"]["compute_dtype"]
@@ -136,7 +136,7 @@ def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(
     classes = np.concatenate([served(images=tf.constant(mnist_arrays.x_test[i:i + 500]))
                               ["classes"].numpy() for i in range(0, 10000, 500)])
     float32_model = keras.saving.load_model(os.path.join(model_dir, "keras", "capsnet.keras"))
-    trained = with_dtype_policy(float32_model, SMOKE.routings, "mixed_bfloat16")
+    trained = with_dtype_policy(float32_model, SMOKE.recipe.routings, "mixed_bfloat16")
     lengths = trained.predict(mnist_arrays.x_test[..., None].astype("float32") / 255.0,
                               batch_size=500, verbose=0)["lengths"]
     agree = np.mean(np.argmax(lengths, -1) == classes)
@@ -144,13 +144,13 @@ def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(
 
 
 def test_tensorboard_logs_are_written(runs):
-    logs = runs["nodes"][0]["Trainer"].outputs["model_run"].uri
+    logs = runs["nodes"][0]["Trainer"].output("model_run").uri
     assert glob.glob(os.path.join(logs, "train", "events.out.tfevents.*"))
     assert glob.glob(os.path.join(logs, "validation", "events.out.tfevents.*"))
 
 
 def test_tfma_metrics_and_per_digit_slices(runs):
-    evaluation = runs["nodes"][0]["Evaluator"].outputs["evaluation"].uri
+    evaluation = runs["nodes"][0]["Evaluator"].output("evaluation").uri
     by_slice = {}
     for metrics in tfma.load_metrics(evaluation):
         key = tuple((k.column, k.int64_value) for k in metrics.slice_key.single_slice_keys)
@@ -166,9 +166,9 @@ def test_tfma_metrics_and_per_digit_slices(runs):
 
 def test_smoke_model_is_not_blessed_and_not_pushed(runs):
     first = runs["nodes"][0]
-    assert first["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 0
-    assert os.path.exists(os.path.join(first["Evaluator"].outputs["blessing"].uri, "NOT_BLESSED"))
-    assert first["Pusher"].outputs["pushed_model"].custom_properties["pushed"].int_value == 0
+    assert first["Evaluator"].output("blessing").custom_properties["blessed"].int_value == 0
+    assert os.path.exists(os.path.join(first["Evaluator"].output("blessing").uri, "NOT_BLESSED"))
+    assert first["Pusher"].output("pushed_model").custom_properties["pushed"].int_value == 0
     assert runs["serving_after_first"] == []
     assert "Model: NOT BLESSED" in runs["stdout"][0]
     assert "FAILED: value threshold, sparse_categorical_accuracy" in runs["stdout"][0]
@@ -180,7 +180,7 @@ def test_second_identical_run_is_served_from_cache(runs):
     assert set(nodes) == ALL_NODES
     not_cached = {n for n, r in nodes.items() if not r.cached}
     assert not_cached <= {"latest_blessed_model_resolver"}  # resolvers resolve, never cache
-    assert nodes["Trainer"].outputs["model"].id == runs["nodes"][0]["Trainer"].outputs["model"].id
+    assert nodes["Trainer"].output("model").id == runs["nodes"][0]["Trainer"].output("model").id
 
 
 def test_passing_bar_blesses_and_pushes_a_versioned_model(runs):
@@ -188,8 +188,8 @@ def test_passing_bar_blesses_and_pushes_a_versioned_model(runs):
     rerun = {n for n, r in nodes.items() if not r.cached}
     assert {"Evaluator", "Pusher"} <= rerun <= {"Evaluator", "Pusher",
                                                "latest_blessed_model_resolver"}
-    assert nodes["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 1
-    pushed = nodes["Pusher"].outputs["pushed_model"].custom_properties
+    assert nodes["Evaluator"].output("blessing").custom_properties["blessed"].int_value == 1
+    pushed = nodes["Pusher"].output("pushed_model").custom_properties
     assert pushed["pushed"].int_value == 1
     versions = runs["serving_after_third"]
     assert len(versions) == 1 and versions[0].isdigit()

@@ -1,7 +1,6 @@
 """Fast reliability checks: the run lock, the atomic Pusher, the NaN stop, refused flags, bad data."""
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -26,17 +26,17 @@ UPSTREAM = {"MnistExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValid
 
 
 def blessed(nodes) -> bool:
-    return nodes["Evaluator"].outputs["blessing"].custom_properties["blessed"].int_value == 1
+    return nodes["Evaluator"].output("blessing").custom_properties["blessed"].int_value == 1
 
 
 def pushed(nodes) -> bool:
-    return nodes["Pusher"].outputs["pushed_model"].custom_properties["pushed"].int_value == 1
+    return nodes["Pusher"].output("pushed_model").custom_properties["pushed"].int_value == 1
 
 
 # ---------------------------------------------------------------- serving, on the exported model
 @pytest.fixture(scope="module")
 def serve(runs):
-    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].output("model").uri, "Format-Serving")
     return tf.saved_model.load(model_dir).signatures
 
 
@@ -81,7 +81,7 @@ def test_edge_batches_answer_under_each_cpu_runtime(runs, onednn, runtime):
     """TF Serving runs with oneDNN, and oneDNN's convolution misshapes a zero-size batch: the
     exported model must answer batches of 0 and 1 under either runtime (a fresh process each,
     since the runtime is fixed when TensorFlow starts)."""
-    model_dir = os.path.join(runs["nodes"][0]["Trainer"].outputs["model"].uri, "Format-Serving")
+    model_dir = os.path.join(runs["nodes"][0]["Trainer"].output("model").uri, "Format-Serving")
     proc = subprocess.run([sys.executable, "-c", EDGE_BATCHES_CHILD, model_dir],
                           env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn},
                           capture_output=True, text=True, timeout=300)
@@ -140,8 +140,8 @@ def test_model_passing_the_bar_but_worse_than_the_blessed_one_is_not_pushed(runs
     proc = run_local(out, *flags, "--max-test-error", "1.0", "--epochs", "1",
                      "--steps-per-epoch", "1")
     nodes = latest_nodes(out)
-    assert not nodes["Trainer"].cached and nodes["Trainer"].outputs["model"].id != \
-        runs["nodes"][2]["Trainer"].outputs["model"].id
+    assert not nodes["Trainer"].cached and nodes["Trainer"].output("model").id != \
+        runs["nodes"][2]["Trainer"].output("model").id
     assert not blessed(nodes) and not pushed(nodes)
     assert serving_versions(out) == before
     assert "FAILED: change threshold" in proc.stdout

@@ -1,15 +1,10 @@
-"""The optimised layers against plain, obviously correct formulations: same weights, same
-inputs -> same outputs and the same gradients, within float32 tolerance.
+"""The fast paths (models/capsnet/kernels.py) against the plain formulations (layers.py): same
+weights, same inputs -> same outputs and the same gradients, within float32 tolerance.
 
-DigitCaps: the chunked parent-major routing with its hand-written backward, against the spec's
-formulation written here. PrimaryCaps: `conv2d_valid`'s matmul backward against the backend's own
-convolution gradient.
-
-The reference is the spec's formulation, differentiated by the backend's autodiff:
-    u_hat = einsum('bid,idk->bik', u, W) reshaped to [B, N_in, N_out, D]
-    b = 0; repeat `routings` times: c = softmax_j(b); s = sum_i c u_hat; v = squash(s);
-    b += <u_hat, v> between passes; stop_gradient: u_hat seen through stop_gradient except in
-    the last weighted sum.
+DigitCaps: the chunked parent-major routing with its hand-written backward (kernels.route,
+kernels.predict_and_route) against layers.dynamic_routing (paper Procedure 1, as written) over
+layers.predictions, differentiated by the backend's autodiff. PrimaryCaps: kernels.conv2d_valid's
+matmul backward against the backend's own convolution gradient.
 """
 
 import numpy as np
@@ -18,36 +13,27 @@ import pytest
 import keras
 from keras import ops
 
-from models.capsnet import layers
-from models.capsnet.layers import DigitCaps, PrimaryCaps, dynamic_routing, predict_and_route
+from models.capsnet import kernels, layers
+from models.capsnet.layers import DigitCaps, PrimaryCaps, dynamic_routing
 
 RNG = np.random.default_rng(7)
+EPS = layers.SQUASH_EPS
+
+
+def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient=False, **kwargs):
+    return kernels.predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, EPS,
+                                     **kwargs)
 
 
 # ------------------------------------------------------------------------------ the reference
 
-def ref_squash(s):
-    n2 = ops.sum(ops.square(s), axis=-1, keepdims=True)
-    return n2 / (1.0 + n2) / ops.sqrt(n2 + layers.SQUASH_EPS) * s
-
-
 def ref_routing(u_hat, routings, stop_gradient=False):
-    """Procedure 1, literally: (v [B, N_out, D], c [B, N_in, N_out])."""
-    inner = ops.stop_gradient(u_hat) if stop_gradient else u_hat
-    b = ops.zeros_like(u_hat[..., 0])
-    for r in range(routings):
-        last = r == routings - 1
-        c = ops.softmax(b, axis=-1)
-        v = ref_squash(ops.einsum("bij,bijd->bjd", c, u_hat if last else inner))
-        if not last:
-            b = b + ops.einsum("bijd,bjd->bij", inner, v)
-    return v, c
+    """Procedure 1, literally (layers.dynamic_routing): (v [B, N_out, D], c [B, N_in, N_out])."""
+    return dynamic_routing(u_hat, routings, stop_gradient)
 
 
 def ref_digit_caps(u, kernel, n_caps, dim, routings, stop_gradient=False):
-    u_hat = ops.reshape(ops.einsum("bid,idk->bik", u, kernel),
-                        (-1, kernel.shape[0], n_caps, dim))
-    return ref_routing(u_hat, routings, stop_gradient)
+    return ref_routing(layers.predictions(u, kernel, n_caps, dim), routings, stop_gradient)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -87,7 +73,7 @@ def probes(*shape):
 
 # (batch, N_in, D_in, N_out, D): MNIST's DigitCaps, and a small one whose N_in is no multiple of
 # the routing chunk (so the last chunk is short).
-SHAPES = [(3, 1152, 8, 10, 16), (2, 2 * layers.ROUTING_CHUNK + 5, 3, 4, 5)]
+SHAPES = [(3, 1152, 8, 10, 16), (2, 2 * kernels.ROUTING_CHUNK + 5, 3, 4, 5)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["mnist", "ragged"])
@@ -132,7 +118,8 @@ def test_dynamic_routing_matches_reference(routings, stop_gradient):
             return ops.sum(v * w_v) + ops.sum(c * w_c)
         return fn
 
-    y, (g,) = value_and_grads(loss(lambda x: dynamic_routing(x, routings, stop_gradient)), u_hat)
+    y, (g,) = value_and_grads(loss(lambda x: kernels.route(x, routings, stop_gradient, EPS)),
+                              u_hat)
     y_ref, (g_ref,) = value_and_grads(loss(lambda x: ref_routing(x, routings, stop_gradient)),
                                       u_hat)
     assert_close(y, y_ref, what="loss")
@@ -198,7 +185,7 @@ def test_half_precision_inputs_route_in_float32():
 
 def require_matmul_backward():
     """conv2d_valid only differs from ops.conv where its own backward is in use."""
-    if not layers.matmul_conv_backward_pays("float32"):
+    if not kernels.use_fast_path("conv_backward", "float32"):
         pytest.skip("the backend's own convolution gradient is in use here")
 
 
@@ -219,7 +206,7 @@ def test_conv2d_valid_matches_the_backend_convolution(x_shape, size, strides):
     w = probes(*out_shape)
 
     y, (dx, dk) = value_and_grads(
-        lambda x, k: ops.sum(layers.conv2d_valid(x, k, strides) * w), x, kernel)
+        lambda x, k: ops.sum(kernels.conv2d_valid(x, k, strides) * w), x, kernel)
     y_ref, (dx_ref, dk_ref) = value_and_grads(
         lambda x, k: ops.sum(ops.conv(x, k, strides=strides, padding="valid") * w), x, kernel)
     assert_close(y, y_ref, rtol=1e-5, what="loss")
@@ -264,7 +251,7 @@ def test_bfloat16_backward_equals_the_float32_one_within_bf16_rounding():
     its error relative to the largest entry is a few roundoffs: 1 % bounds the largest, 0.5 % the
     rms. (Summing the col2im taps in bf16 instead measured 1.2 % max, 0.47 % rms at MNIST's
     shape: the float32 sum is what keeps this within the bounds.)"""
-    if not layers.matmul_conv_backward_pays("bfloat16"):
+    if not kernels.use_fast_path("conv_backward", "bfloat16"):
         pytest.skip("the backend's own convolution gradient is in use here")
     x = RNG.normal(size=(4, 20, 20, 256)).astype("float32")
     kernel = RNG.normal(scale=0.01, size=(9, 9, 256, 256)).astype("float32")
@@ -273,7 +260,7 @@ def test_bfloat16_backward_equals_the_float32_one_within_bf16_rounding():
                  for a in (x, kernel))
 
     def loss_of(dtype):
-        return lambda x, k: ops.sum(ops.cast(layers.conv2d_valid(
+        return lambda x, k: ops.sum(ops.cast(kernels.conv2d_valid(
             ops.cast(x, dtype), ops.cast(k, dtype), 2), "float32") * w)
 
     _, grads16 = value_and_grads(loss_of("bfloat16"), x, kernel)
@@ -285,4 +272,7 @@ def test_bfloat16_backward_equals_the_float32_one_within_bf16_rounding():
 
 
 def test_matmul_backward_never_for_float16():
-    assert not layers.matmul_conv_backward_pays("float16")
+    assert not kernels.use_fast_path("conv_backward", "float16")
+    assert kernels.use_fast_path("routing", "float16")
+    with pytest.raises(ValueError, match="unknown fast path 'einsum'"):
+        kernels.use_fast_path("einsum", "float32")
