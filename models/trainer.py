@@ -6,6 +6,8 @@
 exports the serving SavedModel (see `models.serving`). The test split is never read here.
 """
 
+import hashlib
+import json
 import math
 from typing import Dict, Optional
 
@@ -20,6 +22,7 @@ from models.optimizers import FusedAdam
 from models.capsnet import augment, build_capsnet, compile_capsnet, hardware
 from models.capsnet.model import IMAGE, LABEL, LENGTHS, RECON, policy_of, with_dtype_policy
 from models.capsnet.recipe import Recipe
+from models.capsnet.resume import Resume
 
 IMAGE_XF = features.transformed_name(features.IMAGE_KEY)
 LABEL_XF = features.transformed_name(features.LABEL_KEY)
@@ -110,6 +113,47 @@ def build_models(config: Recipe):
     return strategy, train_model, inference_model
 
 
+class GFiles:
+    """The file operations `Resume` needs, through tf.io.gfile: local paths and gs:// alike."""
+
+    exists = staticmethod(tf.io.gfile.exists)
+    remove = staticmethod(tf.io.gfile.remove)
+    listdir = staticmethod(tf.io.gfile.listdir)
+    makedirs = staticmethod(tf.io.gfile.makedirs)
+
+    @staticmethod
+    def rename(src, dst):
+        tf.io.gfile.rename(src, dst, overwrite=True)
+
+    @staticmethod
+    def read_text(path):
+        with tf.io.gfile.GFile(path) as f:
+            return f.read()
+
+    @staticmethod
+    def write_text(path, text):
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+
+
+def run_fingerprint(fn_args) -> str:
+    """SHA-256 of what this Trainer execution trains: its input files and Transform graph (by
+    artifact URI: a re-run on cached upstream outputs sees the same ones), its custom_config (the
+    recipe and the code fingerprint of models/) and its step count."""
+    what = {"train": list(fn_args.train_files), "eval": list(fn_args.eval_files),
+            "transform": fn_args.transform_output, "custom_config": fn_args.custom_config,
+            "train_steps": fn_args.train_steps}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def resume_dir(fn_args, fingerprint: str) -> str:
+    """<pipeline root>/Trainer/resume/<fingerprint>: where a re-run of the same Trainer inputs
+    finds the checkpoint, whatever its run's or execution's id (create_pipeline passes the
+    resume root in custom_config; Vertex, unlike the local runner, puts outputs under a
+    per-job directory)."""
+    return f"{fn_args.custom_config['resume_root'].rstrip('/')}/{fingerprint[:16]}"
+
+
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point (GenericExecutor)."""
     config = Recipe.from_custom_config(fn_args.custom_config)
@@ -122,21 +166,30 @@ def run_fn(fn_args) -> None:
     valid_ds = make_dataset(fn_args.eval_files, fn_args.data_accessor, schema,
                             config.batch_size, train=False, max_shift=0)
 
-    _, train_model, inference_model = build_models(config)
+    strategy, train_model, inference_model = build_models(config)
+    fingerprint = run_fingerprint(fn_args)
+    resume = Resume(resume_dir(fn_args, fingerprint), fingerprint, config.epochs, fs=GFiles)
+    with strategy.scope():  # restoring builds the optimizer's (mirrored) variables
+        initial_epoch, resumed = resume.restore(train_model)
+    logging.info("Trainer: %s", resumed)
 
     train_model.fit(
         train_ds,
         epochs=config.epochs,
+        initial_epoch=initial_epoch,  # the learning rate and TensorBoard's epochs continue
         steps_per_epoch=math.ceil(fn_args.train_steps / config.epochs),
         validation_data=valid_ds,  # finite: one full pass over the valid split per epoch
         callbacks=[
             StopOnNonFiniteLoss(),
             keras.callbacks.LearningRateScheduler(config.learning_rate_at),
             keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
+            resume,  # after every epoch: a checkpoint a re-run resumes from
         ],
         verbose=2)
     # The serving graph computes in float32 unless asked otherwise, whatever training used: a
     # graph of bf16 ops crawls where bf16 is emulated, and the serving host is rarely this one.
     serving_model = with_dtype_policy(inference_model, config.routings, config.serving_policy())
     serving.export_serving_model(serving_model, tft_output, fn_args.serving_model_dir,
-                                 trained_with=hardware.describe(policy_of(train_model)))
+                                 trained_with={**hardware.describe(policy_of(train_model)),
+                                               "start": resumed})
+    resume.remove()  # the model is exported: nothing left to resume

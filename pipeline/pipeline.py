@@ -97,7 +97,10 @@ def create_pipeline(
             splits=["train"], num_steps=config.recipe.epochs * config.train_steps_per_epoch()),
         eval_args=tfx.proto.EvalArgs(splits=["valid"]),  # all of it, every epoch
         custom_config={**config.recipe.to_custom_config(),
-                       "code_fingerprint": code_fingerprint("models")})
+                       "code_fingerprint": code_fingerprint("models"),
+                       # Checkpoints a re-run of the same inputs resumes from (models/trainer.py):
+                       # under the pipeline root, whatever the run's or execution's id.
+                       "resume_root": f"{pipeline_root.rstrip('/')}/Trainer/resume"})
     if trainer_platform_config is not None:
         trainer.with_platform_config(trainer_platform_config)
 

@@ -91,6 +91,8 @@ class RunSummary:
             f"TFMA output: {self.evaluation_uri}",
             f"Trained with: {hardware.format_description(self.trained_with)}"
             if self.trained_with else "Trained with: not recorded",
+            *([f"Training: {self.trained_with['start']}"] if "start" in self.trained_with
+              else []),
             f"TensorBoard logs: {self.tensorboard_uri}",
             f"Served from cache: {', '.join(self.cached_nodes) or 'nothing'}",
         ])

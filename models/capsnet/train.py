@@ -19,11 +19,16 @@ Writes to --output-dir:
                        train_accuracy, test_errors, test_error, seconds
   capsnet.weights.h5   the training model's weights after the latest epoch (load them into
                        build_capsnet()[0]; the inference model shares every weight)
+  checkpoint/          weights, optimizer state and epoch after every epoch (models/capsnet/
+                       resume.py), removed at the end: running the same command again with the
+                       same --output-dir resumes at the next epoch; any other recipe, data
+                       selection, seed or model code starts fresh, and says so
 """
 
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -53,8 +58,10 @@ from models.capsnet import augment  # noqa: E402
 from models.capsnet.model import (  # noqa: E402
     IMAGE, LABEL, LENGTHS, RECON, build_capsnet, compile_capsnet)
 from models.capsnet.recipe import Recipe  # noqa: E402
+from models.capsnet.resume import Resume  # noqa: E402
 
 HISTORY_FILE = "history.csv"
+CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "capsnet.weights.h5"
 HISTORY_FIELDS = ("epoch", "learning_rate", "loss", "lengths_loss", "recon_loss",
                   "train_accuracy", "test_errors", "test_error", "seconds")
@@ -198,6 +205,20 @@ def parse_args(argv):
     return args, recipe
 
 
+def run_fingerprint(args, config: Recipe) -> str:
+    """SHA-256 of what a run trains: the recipe, the data selection, the seed and the model code
+    (models/capsnet/*.py); a checkpoint of another fingerprint is never resumed."""
+    digest = hashlib.sha256(json.dumps(
+        {"recipe": config.to_custom_config(), "valid_size": args.valid_size,
+         "data_fraction": args.data_fraction, "steps_per_epoch": args.steps_per_epoch,
+         "seed": args.seed}, sort_keys=True).encode())
+    package = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(f for f in os.listdir(package) if f.endswith(".py")):
+        with open(os.path.join(package, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
 def train(args, config: Recipe) -> dict:
     """Trains the recipe on args' data selection and tests after every epoch.
 
@@ -222,16 +243,22 @@ def train(args, config: Recipe) -> dict:
     batches = MnistBatches(x_train, y_train, config.batch_size, config.max_shift, args.seed,
                            args.steps_per_epoch)
     report = EpochReport(inference_model, x_test, y_test, args.output_dir, config.batch_size)
+    resume = Resume(os.path.join(args.output_dir, CHECKPOINT_DIR), run_fingerprint(args, config),
+                    config.epochs)
+    initial_epoch, resumed = resume.restore(train_model)
+    print(resumed, flush=True)
     train_model.fit(
-        batches, epochs=config.epochs, verbose=2,
+        batches, epochs=config.epochs, initial_epoch=initial_epoch, verbose=2,
         callbacks=[
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.LearningRateScheduler(config.learning_rate_at),
             report,
+            resume,
         ])
-    if len(report.rows) < config.epochs:
-        raise RuntimeError(f"training stopped after {len(report.rows)} of {config.epochs} epochs "
-                           f"(non-finite loss?)")
+    if initial_epoch + len(report.rows) < config.epochs:
+        raise RuntimeError(f"training stopped after {initial_epoch + len(report.rows)} of "
+                           f"{config.epochs} epochs (non-finite loss?)")
+    resume.remove()
     return {"test_error": report.rows[-1]["test_error"], "history": report.rows,
             "compute": compute}
 

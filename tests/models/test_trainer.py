@@ -64,3 +64,26 @@ def test_bfloat16_training_keeps_variables_and_optimizer_state_in_float32():
     assert len(slots) == 2 * len(train_model.trainable_weights)  # Adam's m and v
     assert {v.dtype for v in slots} == {"float32"}
     assert all(np.any(v.numpy()) for v in slots[::7])  # the step updated them
+
+
+def test_a_rerun_of_the_same_inputs_finds_the_checkpoint_and_another_recipe_does_not():
+    import types
+    from pipeline import configs
+    def fn_args(**recipe):
+        return types.SimpleNamespace(
+            train_files=["/root/Transform/transformed_examples/5/Split-train/*"],
+            eval_files=["/root/Transform/transformed_examples/5/Split-valid/*"],
+            transform_output="/root/Transform/transform_graph/5",
+            custom_config={**configs.preset("smoke", **recipe).recipe.to_custom_config(),
+                           "code_fingerprint": "abc", "resume_root": "/root/Trainer/resume"},
+            train_steps=40, model_run_dir="/root/Trainer/model_run/9")
+    first = trainer.run_fingerprint(fn_args())
+    rerun = fn_args()
+    rerun.model_run_dir = "/root/Trainer/model_run/12"  # a new execution id
+    assert trainer.run_fingerprint(rerun) == first
+    assert trainer.resume_dir(rerun, first) == trainer.resume_dir(fn_args(), first) == \
+        f"/root/Trainer/resume/{first[:16]}"
+    assert trainer.run_fingerprint(fn_args(learning_rate=2e-3)) != first
+    other_code = fn_args()
+    other_code.custom_config["code_fingerprint"] = "abd"
+    assert trainer.run_fingerprint(other_code) != first

@@ -4,6 +4,7 @@ Continues from the `runs` fixture's state (tests/conftest.py): the smoke model i
 pushed as the one version in the serving dir. Each scenario is a real local_runner.py process.
 """
 
+import glob
 import os
 import re
 import signal
@@ -160,26 +161,59 @@ def test_non_finite_loss_fails_the_run_naming_the_step(runs):
 
 
 # ------------------------------------------------------------------ interruption and concurrency
-def test_killed_during_training_then_rerun_completes_from_cache(runs):
-    out, flags = runs["out"], runs["flags"] + ["--epochs", "2", "--steps-per-epoch", "6"]
+def epoch_learning_rates(model_run_dir):
+    """{0-based epoch: learning rate} from a Trainer's TensorBoard events (train/)."""
+    rates = {}
+    for path in glob.glob(os.path.join(model_run_dir, "train", "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "epoch_learning_rate":
+                    rates[event.step] = float(tf.make_ndarray(value.tensor))
+    return rates
+
+
+def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
+    """SIGKILL while epoch 3 of 4 trains; the same command again resumes at epoch 3 from the
+    checkpoint of epoch 2, with upstream components from cache, and exports, evaluates and
+    (the bar passed) pushes; each epoch's learning rate is the uninterrupted schedule's."""
+    out = runs["out"]
+    flags = runs["flags"] + ["--epochs", "4", "--steps-per-epoch", "3", "--max-test-error", "1.0",
+                             "--no-baseline"]
     child = subprocess.Popen(
         [sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        for line in child.stdout:  # training has started once Keras prints "Epoch 1/2"
-            if "Epoch 1/" in line:
+        for line in child.stdout:  # epoch 2's checkpoint is written once Keras starts epoch 3
+            if "Epoch 3/4" in line:
                 child.send_signal(signal.SIGKILL)
                 break
     finally:
         child.wait(timeout=120)
     assert child.returncode == -signal.SIGKILL
 
-    run_local(out, *flags)
+    before = serving_versions(out)
+    proc = run_local(out, *flags)
+    log = proc.stdout + proc.stderr
+    assert "resumed at epoch 3 of 4 (checkpoint from " in log
+    assert re.findall(r"Epoch (\d+)/4", log) == ["3", "4"]  # the re-run trained epochs 3, 4
+    assert "Training: resumed at epoch 3 of 4" in proc.stdout  # the summary says so too
     nodes = latest_nodes(out)
     assert UPSTREAM <= {n for n, r in nodes.items() if r.cached}
     assert not nodes["Trainer"].cached
     assert nodes["Trainer"].execution.last_known_state == metadata_store_pb2.Execution.COMPLETE
+    assert blessed(nodes) and pushed(nodes) and len(serving_versions(out)) == len(before) + 1
+    # TensorBoard: the killed execution logged epochs 0-1, the re-run 2-3, at the same rates as
+    # one uninterrupted run: lr * 0.9^epoch.
+    model_run = nodes["Trainer"].output("model_run").uri
+    rates = epoch_learning_rates(model_run)
+    assert sorted(rates) == [2, 3]
+    for sibling in glob.glob(os.path.join(os.path.dirname(model_run), "*")):
+        rates.update({k: v for k, v in epoch_learning_rates(sibling).items() if k < 2})
+    assert rates == pytest.approx({e: 1e-3 * 0.9 ** e for e in range(4)}, rel=1e-5)
+    # The checkpoint is gone once the model is exported.
+    resume_root = os.path.join(str(out), "pipeline_root", "Trainer", "resume")
+    assert all(not os.listdir(os.path.join(resume_root, d)) for d in os.listdir(resume_root))
     # The store is consistent: the killed execution is recorded as never finished, and every
     # execution of the latest run finished.
     store = metadata_store.MetadataStore(tfx.orchestration.metadata.sqlite_metadata_connection_config(

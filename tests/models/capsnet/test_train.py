@@ -131,3 +131,48 @@ def test_weights_trained_under_jax_load_into_the_tensorflow_model(tmp_path, mnis
         np.testing.assert_allclose(out[key], jax_out, rtol=1e-4, atol=1e-4 * scale)
         if key == LENGTHS:  # measured: a fresh model is ~90 % of `scale` away, these 1e-7
             assert np.abs(fresh[key] - jax_out).max() > 0.1 * scale  # the weights matter
+
+
+def test_killed_run_resumes_at_the_next_epoch_with_the_same_command(tmp_path, mnist_cache_dir):
+    """A real SIGKILL while epoch 3 of 3 trains; the same command resumes at epoch 3 and the
+    history holds every epoch once, at the uninterrupted schedule's learning rates."""
+    import signal
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    out = str(tmp_path / "run")
+    command = [sys.executable, "-m", "models.capsnet.train", "--output-dir", out,
+               "--data-cache-dir", mnist_cache_dir, "--mixed-precision", "none", "--epochs", "3",
+               "--steps-per-epoch", "2", "--batch-size", "8", "--data-fraction", "0.002",
+               "--offline"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in child.stdout:  # epoch 2's checkpoint is written before epoch 3 starts
+            if "Epoch 3/3" in line:
+                child.send_signal(signal.SIGKILL)
+                break
+    finally:
+        child.wait(timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed at epoch 3 of 3 (checkpoint from " in proc.stdout
+    history = read_history(out)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    assert [float(r["learning_rate"]) for r in history] == pytest.approx([1e-3, 9e-4, 8.1e-4])
+    assert not os.listdir(os.path.join(out, standalone.CHECKPOINT_DIR))  # removed at the end
+
+
+def test_another_recipe_data_or_seed_is_another_run():
+    """What the fingerprint sees: a checkpoint of any other recipe, data selection or seed is
+    never resumed (models/capsnet/resume.py refuses it and says so)."""
+    args, recipe = standalone.parse_args(["--output-dir", "x"])
+    base = standalone.run_fingerprint(args, recipe)
+    assert standalone.run_fingerprint(*standalone.parse_args(["--output-dir", "y"])) == base
+    for flags in (["--learning-rate", "2e-3"], ["--epochs", "51"], ["--seed", "1"],
+                  ["--data-fraction", "0.5"], ["--mixed-precision", "none"]):
+        assert standalone.run_fingerprint(
+            *standalone.parse_args(["--output-dir", "x", *flags])) != base, flags
