@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"Default: {IMAGE_PROJECT_DIR}")
     p.add_argument("--no-cache", action="store_true",
                    help="compile (and submit) with step caching off (default: caching on)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="the Trainer starts from the weights of the latest blessed model "
+                        "(through the Resolver: --target vertex only). Default: off")
     p.add_argument("--submit", action="store_true",
                    help="after compiling, upload pipeline.yaml to the open-source KFP at "
                         "--endpoint and start a run (kfp SDK; needs the cluster reachable). "
@@ -142,6 +145,9 @@ def _problems(args) -> list:
         problems.append("--image is empty")
     if not os.path.isabs(args.image_project_dir):
         problems.append(f"--image-project-dir must be absolute, got {args.image_project_dir!r}")
+    if args.warm_start and args.target != "vertex":
+        problems.append("--warm-start needs the latest-blessed-model Resolver, which only "
+                        "--target vertex compiles")
     if args.endpoint and not args.submit:
         problems.append("--endpoint is only used with --submit")
     if args.submit:
@@ -202,6 +208,7 @@ def compile_pipeline(args, config) -> tuple:
         config=config,
         beam_pipeline_args=args.beam_args,
         compare_to_baseline=args.target == "vertex",
+        warm_start=args.warm_start,
         enable_cache=not args.no_cache,
         trainer_platform_config=trainer_resources(args.gpus, args.accelerator),
         schema_path=os.path.join(args.image_project_dir, pipeline_module.SCHEMA_RELPATH))

@@ -54,6 +54,9 @@ def parse_args(argv):
     p.add_argument("--no-baseline", action="store_true",
                    help="bless on the test-error bar alone, without the no-regression check "
                         "against the latest blessed model")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start training from the weights of the latest blessed model (the "
+                        "first run, with none, trains from scratch and says so). Default: off")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run every component even if an identical execution exists")
     p.add_argument("--mixed-precision", choices=hardware.MIXED_PRECISION_CHOICES,
@@ -145,6 +148,7 @@ def main(argv=None) -> int:
                 metadata_connection_config=metadata,
                 beam_pipeline_args=configs.LOCAL_BEAM_ARGS,
                 compare_to_baseline=not args.no_baseline,
+                warm_start=args.warm_start,
                 enable_cache=not args.no_cache))
     except (mnist.MnistDataError, run_lock.Busy) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ exports the serving SavedModel (see `models.serving`). The test split is never r
 import hashlib
 import json
 import math
+import os
 from typing import Dict, Optional
 
 import keras
@@ -20,7 +21,8 @@ from tfx_bsl.public import tfxio
 from models import features, serving
 from models.optimizers import FusedAdam
 from models.capsnet import augment, build_capsnet, compile_capsnet, hardware
-from models.capsnet.model import IMAGE, LABEL, LENGTHS, RECON, policy_of, with_dtype_policy
+from models.capsnet.model import (IMAGE, KERAS_MODEL_FILE, LABEL, LENGTHS, RECON, policy_of,
+                                  with_dtype_policy)
 from models.capsnet.recipe import Recipe
 from models.capsnet.resume import Resume
 
@@ -136,13 +138,24 @@ class GFiles:
             f.write(text)
 
 
+def warm_start(inference_model, base_model_dir: Optional[str]) -> str:
+    """Loads the weights of the base model (the latest blessed one, from its exported Keras
+    model) into `inference_model`, which shares every weight with the training model; says what
+    it did. base_model_dir: the base model's serving dir, None when there is none."""
+    if not base_model_dir:
+        return "no base model (warm start off, or no blessed model yet): training from scratch"
+    path = os.path.join(base_model_dir, KERAS_MODEL_FILE)
+    inference_model.set_weights(keras.saving.load_model(path).get_weights())
+    return f"warm start from the weights of {path}"
+
+
 def run_fingerprint(fn_args) -> str:
     """SHA-256 of what this Trainer execution trains: its input files and Transform graph (by
     artifact URI: a re-run on cached upstream outputs sees the same ones), its custom_config (the
     recipe and the code fingerprint of models/) and its step count."""
     what = {"train": list(fn_args.train_files), "eval": list(fn_args.eval_files),
             "transform": fn_args.transform_output, "custom_config": fn_args.custom_config,
-            "train_steps": fn_args.train_steps}
+            "train_steps": fn_args.train_steps, "base_model": fn_args.base_model}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -167,6 +180,7 @@ def run_fn(fn_args) -> None:
                             config.batch_size, train=False, max_shift=0)
 
     strategy, train_model, inference_model = build_models(config)
+    logging.info("Trainer: %s", warm_start(inference_model, fn_args.base_model))
     fingerprint = run_fingerprint(fn_args)
     resume = Resume(resume_dir(fn_args, fingerprint), fingerprint, config.epochs, fs=GFiles)
     with strategy.scope():  # restoring builds the optimizer's (mirrored) variables

@@ -52,6 +52,7 @@ def create_pipeline(
     enable_cache: bool = True,
     trainer_platform_config: Optional[message.Message] = None,
     schema_path: str = SCHEMA_FILE,
+    warm_start: bool = False,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline.
 
@@ -71,6 +72,8 @@ def create_pipeline(
         None (local runs): no request.
       schema_path: the checked-in schema as the components will see it: this checkout's by
         default; kubeflow_runner.py passes its path inside the pipeline image.
+      warm_start: give the Trainer the latest blessed model as its base_model, to continue
+        from its weights (needs the Resolver, as compare_to_baseline does).
     """
     example_gen = MnistExampleGen(input_base=data_root, valid_size=config.valid_size,
                                   data_fraction=config.data_fraction)
@@ -89,6 +92,16 @@ def create_pipeline(
     transform.add_upstream_node(anomalies_gate)
 
     sizes = config.split_sizes()
+    # The latest blessed model: the Evaluator's baseline, and the Trainer's base_model when
+    # warm-starting (none before the first blessing: the Trainer then trains from scratch).
+    resolver = None
+    if compare_to_baseline or warm_start:
+        resolver = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        ).with_id("latest_blessed_model_resolver")
+    warm = {"base_model": resolver.outputs["model"]} if warm_start else {}
     trainer = tfx.components.Trainer(
         run_fn=RUN_FN,
         examples=transform.outputs["transformed_examples"],
@@ -96,6 +109,7 @@ def create_pipeline(
         train_args=tfx.proto.TrainArgs(
             splits=["train"], num_steps=config.recipe.epochs * config.train_steps_per_epoch()),
         eval_args=tfx.proto.EvalArgs(splits=["valid"]),  # all of it, every epoch
+        **warm,
         custom_config={**config.recipe.to_custom_config(),
                        "code_fingerprint": code_fingerprint("models"),
                        # Checkpoints a re-run of the same inputs resumes from (models/trainer.py):
@@ -108,15 +122,9 @@ def create_pipeline(
                                               compare_to_baseline)
     components = [example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate,
                   transform, trainer]
-    baseline = {}
-    if compare_to_baseline:
-        resolver = tfx.dsl.Resolver(
-            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-        ).with_id("latest_blessed_model_resolver")
+    if resolver is not None:
         components.append(resolver)
-        baseline = {"baseline_model": resolver.outputs["model"]}
+    baseline = {"baseline_model": resolver.outputs["model"]} if compare_to_baseline else {}
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],

@@ -177,6 +177,13 @@ def test_vertex_target_keeps_the_resolver_and_names_a_vertex_accelerator(tmp_pat
     assert compiled.executor("Trainer")["resources"]["accelerator"]["type"] == "NVIDIA_TESLA_T4"
 
 
+def test_vertex_warm_start_feeds_the_resolvers_model_to_the_trainer(tmp_path):
+    compiled = compile_kfp(tmp_path, "--target", "vertex", "--image", IMAGE, "--warm-start")
+    assert "base_model" in compiled.tasks["Trainer"]["inputs"]["artifacts"]
+    plain = compile_kfp(tmp_path / "plain", "--target", "vertex", "--image", IMAGE)
+    assert "base_model" not in plain.tasks["Trainer"]["inputs"].get("artifacts", {})
+
+
 def test_no_gpus_means_no_resource_request_and_caching_follows_the_flag(tmp_path):
     compiled = compile_kfp(tmp_path, "--gpus", "0", "--no-cache", "--image", IMAGE)
     assert "resources" not in compiled.executor("Trainer")

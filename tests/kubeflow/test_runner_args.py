@@ -56,6 +56,7 @@ def test_flags_from_the_environment_come_first_and_argv_overrides_them(monkeypat
     (["--submit", "--endpoint", "http://kfp", "--pipeline-root", "gs://b/root"],
      "placeholder values: set --image, --data-root, --serving-dir"),
     (["--preset", "huge"], "invalid choice"),
+    (["--warm-start"], "--warm-start needs the latest-blessed-model Resolver"),
 ])
 def test_bad_command_lines_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -76,7 +76,7 @@ def test_a_rerun_of_the_same_inputs_finds_the_checkpoint_and_another_recipe_does
             transform_output="/root/Transform/transform_graph/5",
             custom_config={**configs.preset("smoke", **recipe).recipe.to_custom_config(),
                            "code_fingerprint": "abc", "resume_root": "/root/Trainer/resume"},
-            train_steps=40, model_run_dir="/root/Trainer/model_run/9")
+            train_steps=40, model_run_dir="/root/Trainer/model_run/9", base_model=None)
     first = trainer.run_fingerprint(fn_args())
     rerun = fn_args()
     rerun.model_run_dir = "/root/Trainer/model_run/12"  # a new execution id
@@ -87,3 +87,10 @@ def test_a_rerun_of_the_same_inputs_finds_the_checkpoint_and_another_recipe_does
     other_code = fn_args()
     other_code.custom_config["code_fingerprint"] = "abd"
     assert trainer.run_fingerprint(other_code) != first
+    warm = fn_args()
+    warm.base_model = "/root/Trainer/model/7/Format-Serving"  # warm-started: another run
+    assert trainer.run_fingerprint(warm) != first
+
+
+def test_warm_start_without_a_base_model_trains_from_scratch_and_says_so():
+    assert trainer.warm_start(None, None).endswith("training from scratch")

@@ -160,6 +160,41 @@ def test_non_finite_loss_fails_the_run_naming_the_step(runs):
     assert serving_versions(out) == before
 
 
+def epoch_losses(model_run_dir):
+    """{0-based epoch: training loss} from a Trainer's TensorBoard events (train/)."""
+    losses = {}
+    for path in glob.glob(os.path.join(model_run_dir, "train", "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "epoch_loss":
+                    losses[event.step] = float(tf.make_ndarray(value.tensor))
+    return losses
+
+
+def test_warm_start_continues_from_the_latest_blessed_model(runs):
+    """--warm-start: the Trainer's base_model is the latest blessed model (the Resolver's: here
+    the smoke model of the `runs` fixture, 40 steps, blessed at bar 1.0; the tests above bless
+    nothing newer), its weights are the initial ones (a learning rate of 1e-9 leaves them where
+    they start), and the first epoch's loss is far below a fresh start's."""
+    import keras
+    from models.capsnet.model import KERAS_MODEL_FILE
+    out, flags = runs["out"], runs["flags"]
+    proc = run_local(out, *flags, "--warm-start", "--no-baseline", "--max-test-error", "1.0",
+                     "--epochs", "1", "--steps-per-epoch", "2", "--learning-rate", "1e-9")
+    assert "warm start from the weights of " in proc.stdout + proc.stderr
+    nodes = latest_nodes(out)
+    base = nodes["Trainer"].input("base_model")
+    assert base.id == runs["nodes"][2]["Trainer"].output("model").id
+    started, trained = (keras.saving.load_model(os.path.join(uri, "Format-Serving",
+                                                             KERAS_MODEL_FILE))
+                        for uri in (base.uri, nodes["Trainer"].output("model").uri))
+    for a, b in zip(started.get_weights(), trained.get_weights()):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    warm = epoch_losses(nodes["Trainer"].output("model_run").uri)[0]
+    fresh = epoch_losses(runs["nodes"][0]["Trainer"].output("model_run").uri)[0]
+    assert warm < 0.75 * fresh, (warm, fresh)
+
+
 # ------------------------------------------------------------------ interruption and concurrency
 def epoch_learning_rates(model_run_dir):
     """{0-based epoch: learning rate} from a Trainer's TensorBoard events (train/)."""
@@ -208,8 +243,9 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     model_run = nodes["Trainer"].output("model_run").uri
     rates = epoch_learning_rates(model_run)
     assert sorted(rates) == [2, 3]
-    for sibling in glob.glob(os.path.join(os.path.dirname(model_run), "*")):
-        rates.update({k: v for k, v in epoch_learning_rates(sibling).items() if k < 2})
+    runs_dir, rerun_id = os.path.split(model_run.rstrip("/"))
+    killed_id = max(int(d) for d in os.listdir(runs_dir) if int(d) < int(rerun_id))
+    rates.update(epoch_learning_rates(os.path.join(runs_dir, str(killed_id))))
     assert rates == pytest.approx({e: 1e-3 * 0.9 ** e for e in range(4)}, rel=1e-5)
     # The checkpoint is gone once the model is exported.
     resume_root = os.path.join(str(out), "pipeline_root", "Trainer", "resume")
