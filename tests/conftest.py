@@ -29,6 +29,23 @@ def run_local(out_dir, *flags, expect_rc=0):
     return proc
 
 
+def kill_when(command, marker):
+    """Starts `command` in REPO and SIGKILLs it as soon as a line of its output contains
+    `marker` (a real kill -9: nothing runs after it); returns its exit status (-SIGKILL)."""
+    import signal
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in child.stdout:
+            if marker in line:
+                child.send_signal(signal.SIGKILL)
+                break
+    finally:
+        child.wait(timeout=120)
+    return child.returncode
+
+
 def latest_nodes(out):
     """{node id: summary.NodeRun} of the latest run recorded in OUT's metadata store."""
     config = tfx.orchestration.metadata.sqlite_metadata_connection_config(

@@ -19,7 +19,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
 
 from pipeline import configs, run_lock
-from tests.conftest import REPO, latest_nodes, run_local, serving_versions
+from tests.conftest import kill_when, latest_nodes, run_local, serving_versions
 
 pytestmark = pytest.mark.e2e
 UPSTREAM = {"MnistExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
@@ -160,15 +160,16 @@ def test_non_finite_loss_fails_the_run_naming_the_step(runs):
     assert serving_versions(out) == before
 
 
-def epoch_losses(model_run_dir):
-    """{0-based epoch: training loss} from a Trainer's TensorBoard events (train/)."""
-    losses = {}
+def epoch_scalars(model_run_dir, tag):
+    """{0-based epoch: value} of one per-epoch scalar ('epoch_loss', 'epoch_learning_rate', ...)
+    from a Trainer's TensorBoard events (train/)."""
+    values = {}
     for path in glob.glob(os.path.join(model_run_dir, "train", "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag == "epoch_loss":
-                    losses[event.step] = float(tf.make_ndarray(value.tensor))
-    return losses
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
 
 
 def test_warm_start_continues_from_the_latest_blessed_model(runs):
@@ -190,23 +191,12 @@ def test_warm_start_continues_from_the_latest_blessed_model(runs):
                         for uri in (base.uri, nodes["Trainer"].output("model").uri))
     for a, b in zip(started.get_weights(), trained.get_weights()):
         np.testing.assert_allclose(b, a, atol=1e-6)
-    warm = epoch_losses(nodes["Trainer"].output("model_run").uri)[0]
-    fresh = epoch_losses(runs["nodes"][0]["Trainer"].output("model_run").uri)[0]
+    warm = epoch_scalars(nodes["Trainer"].output("model_run").uri, "epoch_loss")[0]
+    fresh = epoch_scalars(runs["nodes"][0]["Trainer"].output("model_run").uri, "epoch_loss")[0]
     assert warm < 0.75 * fresh, (warm, fresh)
 
 
 # ------------------------------------------------------------------ interruption and concurrency
-def epoch_learning_rates(model_run_dir):
-    """{0-based epoch: learning rate} from a Trainer's TensorBoard events (train/)."""
-    rates = {}
-    for path in glob.glob(os.path.join(model_run_dir, "train", "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == "epoch_learning_rate":
-                    rates[event.step] = float(tf.make_ndarray(value.tensor))
-    return rates
-
-
 def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     """SIGKILL while epoch 3 of 4 trains; the same command again resumes at epoch 3 from the
     checkpoint of epoch 2, with upstream components from cache, and exports, evaluates and
@@ -214,18 +204,9 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     out = runs["out"]
     flags = runs["flags"] + ["--epochs", "4", "--steps-per-epoch", "3", "--max-test-error", "1.0",
                              "--no-baseline"]
-    child = subprocess.Popen(
-        [sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        for line in child.stdout:  # epoch 2's checkpoint is written once Keras starts epoch 3
-            if "Epoch 3/4" in line:
-                child.send_signal(signal.SIGKILL)
-                break
-    finally:
-        child.wait(timeout=120)
-    assert child.returncode == -signal.SIGKILL
+    # Epoch 2's checkpoint is written once Keras starts epoch 3.
+    assert kill_when([sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
+                     "Epoch 3/4") == -signal.SIGKILL
 
     before = serving_versions(out)
     proc = run_local(out, *flags)
@@ -241,11 +222,11 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     # TensorBoard: the killed execution logged epochs 0-1, the re-run 2-3, at the same rates as
     # one uninterrupted run: lr * 0.9^epoch.
     model_run = nodes["Trainer"].output("model_run").uri
-    rates = epoch_learning_rates(model_run)
+    rates = epoch_scalars(model_run, "epoch_learning_rate")
     assert sorted(rates) == [2, 3]
     runs_dir, rerun_id = os.path.split(model_run.rstrip("/"))
     killed_id = max(int(d) for d in os.listdir(runs_dir) if int(d) < int(rerun_id))
-    rates.update(epoch_learning_rates(os.path.join(runs_dir, str(killed_id))))
+    rates.update(epoch_scalars(os.path.join(runs_dir, str(killed_id)), "epoch_learning_rate"))
     assert rates == pytest.approx({e: 1e-3 * 0.9 ** e for e in range(4)}, rel=1e-5)
     # The checkpoint is gone once the model is exported.
     resume_root = os.path.join(str(out), "pipeline_root", "Trainer", "resume")

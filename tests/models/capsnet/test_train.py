@@ -139,25 +139,15 @@ def test_killed_run_resumes_at_the_next_epoch_with_the_same_command(tmp_path, mn
     import signal
     import subprocess
     import sys
-    from tests.conftest import REPO
+    from tests.conftest import REPO, kill_when
     out = str(tmp_path / "run")
     command = [sys.executable, "-m", "models.capsnet.train", "--output-dir", out,
                "--data-cache-dir", mnist_cache_dir, "--mixed-precision", "none", "--epochs", "3",
                "--steps-per-epoch", "2", "--batch-size", "8", "--data-fraction", "0.002",
                "--offline"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        for line in child.stdout:  # epoch 2's checkpoint is written before epoch 3 starts
-            if "Epoch 3/3" in line:
-                child.send_signal(signal.SIGKILL)
-                break
-    finally:
-        child.wait(timeout=120)
-    assert child.returncode == -signal.SIGKILL
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
-                          timeout=600)
+    # Epoch 2's checkpoint is written before Keras starts epoch 3.
+    assert kill_when(command, "Epoch 3/3") == -signal.SIGKILL
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resumed at epoch 3 of 3 (checkpoint from " in proc.stdout
     history = read_history(out)
