@@ -43,9 +43,9 @@ import tempfile
 import time
 
 from models.capsnet.hardware import MIXED_PRECISION_CHOICES  # light: no TensorFlow
+from models.capsnet.recipe import SERVING_PRECISION_CHOICES, Recipe
 
 MODES = ("train", "input", "serve", "digitcaps", "primarycaps")
-
 
 
 def parse_args(argv):
@@ -66,7 +66,7 @@ def parse_args(argv):
                    help="train/digitcaps/primarycaps: the compute dtype, chosen as the Trainer "
                         "does (models/capsnet/hardware.py; default: auto)")
     p.add_argument("--serving-precision", default="float32",
-                   choices=("float32", "mixed_bfloat16"),
+                   choices=SERVING_PRECISION_CHOICES,
                    help="serve: the fresh export's compute dtype (default: float32)")
     p.add_argument("--model", help="serve: exported SavedModel dir (default: export a fresh, "
                                    "untrained model with a tf.Transform graph to a temp dir)")
@@ -213,7 +213,6 @@ def bench_train(args, mnist, work_dir):
     import keras
     from models import trainer
     from models.capsnet.model import DIGIT_CAPS
-    from models.capsnet.recipe import Recipe
 
     dataset = trainer_dataset(args, mnist, work_dir)
     config = Recipe(epochs=1, batch_size=args.batch, max_shift=args.max_shift,
@@ -348,9 +347,8 @@ def export_fresh_model(work_dir, routings, serving_precision="float32"):
             _ = transform_fn | tft_beam.WriteTransformFn(transform_dir)
     metadata_io.write_metadata(raw_metadata,
                                os.path.join(transform_dir, tft.TFTransformOutput.RAW_METADATA_DIR))
-    _, inference_model = build_capsnet(
-        routings=routings,
-        dtype_policy=None if serving_precision == "float32" else serving_precision)
+    policy = Recipe(serving_precision=serving_precision).serving_policy()
+    _, inference_model = build_capsnet(routings=routings, dtype_policy=policy)
     model_dir = os.path.join(work_dir, "serving_model")
     serving.export_serving_model(inference_model, tft.TFTransformOutput(transform_dir), model_dir)
     return model_dir
