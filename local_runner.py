@@ -5,6 +5,8 @@ Outputs (under --output-dir unless set one by one):
   pipeline root   <output-dir>/pipeline_root/<Component>/<output>/<execution id>/
   metadata        <output-dir>/metadata.sqlite
   pushed models   <output-dir>/serving_model/<version>/
+  run logs        <output-dir>/logs/run-<UTC time>-<pid>.log (all of it; the terminal shows a
+                  compact view unless --verbose)
 """
 
 import argparse
@@ -69,6 +71,10 @@ def parse_args(argv):
                    help="the exported serving graph's compute: float32 (fast on any CPU, built "
                         "from the float32 master weights) or mixed_bfloat16 (for serving hosts "
                         f"with native bf16). Default: {defaults.serving_precision}")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream every log line (TFX, Beam, TensorFlow) to the terminal. Default: "
+                        "a compact view (components, epochs, summary); the full log goes to "
+                        "<output-dir>/logs/")
     p.add_argument("--cpu-replicas", type=int, metavar="N",
                    help="split the CPU into N logical devices so that the Trainer's "
                         "MirroredStrategy trains N replicas on it (CPU-only machines; slower "
@@ -117,28 +123,53 @@ def main(argv=None) -> int:
     hardware.apply_tf_env(config.recipe.mixed_precision)
     if args.cpu_replicas:
         tf_runtime.configure_cpu_replicas(args.cpu_replicas)
-    # Component progress (absl: "Component X is finished") and the data source; not Beam's chatter.
+    from data import mnist
+    from pipeline import console
+
+    try:  # before anything is written: bad data leaves no output dir behind
+        npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
+    except mnist.MnistDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"MNIST source: {source}", flush=True)
+    if args.verbose:
+        error = run(args, config, npz_path)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+        return 1 if error else 0
+    log = console.log_path(args.output_dir)
+    view = console.CompactView(batch_size=config.recipe.batch_size)
+    with console.Capture(log, view):
+        error = run(args, config, npz_path)
+    if error:
+        print("\n".join([*view.failure(), f"error: {error}", f"Full log: {log}"]),
+              file=sys.stderr)
+        return 1
+    print(f"Full log: {log}")
+    return 0
+
+
+def run(args, config, npz_path: str):
+    """Runs the pipeline and prints its summary; None, or what went wrong (the traceback is in
+    the log)."""
+    started = time.time()
+    # Component progress (absl: "Component X is finished"); not Beam's chatter.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("absl", "data.mnist"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.INFO)
     from absl import logging as absl_logging
     from tfx import v1 as tfx
 
-    from data import mnist
-    from pipeline import configs, run_lock, summary
+    from models.capsnet import hardware
+    from pipeline import configs, console, run_lock, summary
     from pipeline.pipeline import create_pipeline
 
     absl_logging.set_verbosity(absl_logging.INFO)
-    started = time.time()
+    print("Compute: " + hardware.format_description(hardware.describe(
+        hardware.compute_policy(config.recipe.mixed_precision))), flush=True)
+    metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(args.metadata_path)
     try:
-        npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
-        print(f"MNIST source: {source}", flush=True)
-        print("Compute: " + hardware.format_description(hardware.describe(
-            hardware.compute_policy(config.recipe.mixed_precision))), flush=True)
         with run_lock.hold(args.pipeline_root):
             print(f"Pipeline root {args.pipeline_root} is locked for this run", flush=True)
-            metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(
-                args.metadata_path)
             tfx.orchestration.LocalDagRunner().run(create_pipeline(
                 pipeline_name=configs.PIPELINE_NAME,
                 pipeline_root=args.pipeline_root,
@@ -150,17 +181,15 @@ def main(argv=None) -> int:
                 compare_to_baseline=not args.no_baseline,
                 warm_start=args.warm_start,
                 enable_cache=not args.no_cache))
-    except (mnist.MnistDataError, run_lock.Busy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # a component failed: the traceback is above, say it plainly last
-        logging.exception("pipeline run failed")
-        print(f"error: the pipeline run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except run_lock.Busy as e:
+        return str(e)
+    except Exception as e:  # a component failed
+        logging.exception(console.FAILED)
+        return f"the pipeline run failed: {type(e).__name__}: {e}"
     result = summary.summarize(metadata, configs.PIPELINE_NAME)
     print(f"\n=== {configs.PIPELINE_NAME}: preset {args.preset}, "
           f"{time.time() - started:.0f} s ===\n{result.format()}", flush=True)
-    return 0
+    return None
 
 
 if __name__ == "__main__":

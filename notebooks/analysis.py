@@ -9,6 +9,7 @@ and the examples it read. Cached executions count: TFX records them with the out
   overall / validation_table / per_digit / confusion_matrix   read the TFMA output
   misclassified(model, examples)                  the test digits the model gets wrong
   training_curves(model_run)                      the Trainer's per-epoch TensorBoard scalars
+  training_history(store, trainer), epoch_table   the same across the killed runs it resumed
   plot_*                                          static matplotlib figures (render anywhere)
 """
 
@@ -313,7 +314,8 @@ CURVES = ("loss", "lengths_loss", "recon_loss", "lengths_accuracy")
 
 def training_curves(model_run_uri: str):
     """The per-epoch scalars Keras' TensorBoard callback wrote under the Trainer's model_run:
-    a DataFrame with columns run ('train' or 'validation'), epoch, metric (e.g. 'loss'), value.
+    a DataFrame with columns run ('train' or 'validation'), epoch (1-based), metric (e.g.
+    'loss'), value and wall_time (when it was written, at the end of the epoch).
     Read with TensorFlow's event protos, so it needs no TensorBoard server."""
     import glob
 
@@ -329,10 +331,70 @@ def training_curves(model_run_uri: str):
                     if value.tag.startswith("epoch_") and value.HasField("tensor"):
                         rows.append({"run": run, "epoch": event.step + 1,
                                      "metric": value.tag[len("epoch_"):],
-                                     "value": float(tf.make_ndarray(value.tensor))})
+                                     "value": float(tf.make_ndarray(value.tensor)),
+                                     "wall_time": event.wall_time})
     if not rows:
         raise FileNotFoundError(f"no per-epoch TensorBoard scalars under {model_run_uri}")
     return pd.DataFrame(rows)
+
+
+def resumed_from(store, trainer: ComponentRun) -> List[ComponentRun]:
+    """The Trainer executions that `trainer` continued, oldest first: the unbroken line of
+    unfinished (killed) executions just before it with the same recipe, code and steps (their
+    custom_config and train_args); a resumed execution carries on from their checkpoints."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    same = ("custom_config", "train_args")
+    finished = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
+    earlier = sorted((e for e in store.get_executions_by_type(trainer.execution.type)
+                      if e.id < trainer.execution.id), key=lambda e: e.id, reverse=True)
+    chain = []
+    for execution in earlier:
+        if execution.last_known_state in finished or any(
+                execution.custom_properties[k] != trainer.execution.custom_properties[k]
+                for k in same):
+            break
+        chain.append(mlmd.component_run(store, execution))
+    return chain[::-1]
+
+
+def training_history(store, trainer: ComponentRun):
+    """training_curves of a whole training, across the killed executions it resumed from
+    (resumed_from), with a column `execution` (its id): one row per (run, epoch, metric), the
+    latest execution's where two logged the same epoch. A killed execution's TensorBoard dir is its model_run dir, found
+    beside the final one's (<pipeline root>/Trainer/model_run/<execution id>)."""
+    import pandas as pd
+
+    final = trainer.output("model_run").uri
+    dirs = {run.execution.id: os.path.join(os.path.dirname(final.rstrip("/")),
+                                           str(run.execution.id))
+            for run in resumed_from(store, trainer)}
+    dirs[trainer.execution.id] = final
+    curves = pd.concat([training_curves(d).assign(execution=execution)
+                        for execution, d in dirs.items() if os.path.isdir(d)],
+                       ignore_index=True)
+    return (curves.drop_duplicates(["run", "epoch", "metric"], keep="last")
+            .sort_values(["run", "metric", "epoch"]).reset_index(drop=True))
+
+
+def epoch_table(curves):
+    """One row per epoch of training_curves or training_history: the train and validation
+    values of every metric ('loss', 'val_loss', ...) and the epoch's wall-clock seconds, from
+    the previous epoch's end (NaN for the first epoch of each execution: the events do not
+    hold its start)."""
+    train = curves[curves["run"] == "train"].pivot(index="epoch", columns="metric",
+                                                   values="value")
+    valid = curves[curves["run"] == "validation"].pivot(index="epoch", columns="metric",
+                                                        values="value").add_prefix("val_")
+    table = train.join(valid)
+    ends = curves[(curves["run"] == "train") & (curves["metric"] == "loss")].set_index(
+        "epoch").sort_index()
+    seconds = ends["wall_time"].diff()
+    # after a kill, the gap to the previous epoch's end is not this epoch's duration
+    if "execution" in ends:
+        seconds[ends["execution"].diff() != 0] = np.nan
+    table["seconds"] = seconds
+    return table
 
 
 def plot_training_curves(curves, metrics: Sequence[str] = CURVES):

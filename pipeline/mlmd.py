@@ -1,5 +1,6 @@
-"""Reading a pipeline's runs back from ML Metadata and the TFMA output, for the end-of-run summary
-(pipeline/summary.py) and the notebooks (notebooks/analysis.py): the one reader behind both.
+"""Reading a pipeline's runs back from ML Metadata, the TFMA output and the Trainer's TensorBoard
+events, for the end-of-run summary (pipeline/summary.py) and the notebooks
+(notebooks/analysis.py): the one reader behind both.
 
 TFX records every node's execution in the run's `pipeline_run` context, cached ones included
 (with the outputs they reused), so readers follow the metadata instead of guessing paths.
@@ -7,7 +8,7 @@ TFX records every node's execution in the run's `pipeline_run` context, cached o
 
 import dataclasses
 import os
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Tuple
 
 from ml_metadata.proto import metadata_store_pb2
 
@@ -110,3 +111,18 @@ def slice_metrics(evaluation_uri: str) -> Dict[tuple, Dict[str, float]]:
                          for kv in metrics.metric_keys_and_values
                          if kv.key.model_name in ("", "candidate") and not kv.key.is_diff}
     return by_slice
+
+
+def epoch_scalars(model_run_uri: str, tag: str) -> Dict[int, Tuple[float, float]]:
+    """{0-based epoch: (wall time in s, value)} of one per-epoch scalar ('epoch_loss',
+    'epoch_learning_rate', ...) in a Trainer's TensorBoard events (<model_run>/train/); the wall
+    time is when Keras wrote it, at the end of the epoch and its validation pass."""
+    import tensorflow as tf
+
+    values = {}
+    for path in tf.io.gfile.glob(f"{model_run_uri.rstrip('/')}/train/events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = (event.wall_time, float(tf.make_ndarray(value.tensor)))
+    return values

@@ -1,9 +1,11 @@
 """What the latest run produced, read back from ML Metadata (pipeline/mlmd.py): test error,
-blessing, push, paths, and how the Trainer computed."""
+blessing, push, paths, how the Trainer computed and how long it took."""
 
 import dataclasses
 import json
+import math
 import os
+import statistics
 from typing import Dict, List, Optional
 
 import tensorflow as tf
@@ -16,7 +18,7 @@ from tfx.utils import path_utils
 
 from models import serving
 from models.capsnet import hardware
-from pipeline import mlmd
+from pipeline import console, mlmd
 from pipeline.evaluation import ACCURACY
 
 def overall_metrics(evaluation_uri: str) -> Dict[str, float]:
@@ -79,6 +81,7 @@ class RunSummary:
     tensorboard_uri: str
     cached_nodes: List[str]
     trained_with: Dict[str, str] = dataclasses.field(default_factory=dict)  # hardware.describe
+    training_time: Optional["TrainingTime"] = None
 
     def format(self) -> str:
         errors = round(self.test_error * self.test_examples)
@@ -93,15 +96,53 @@ class RunSummary:
             if self.trained_with else "Trained with: not recorded",
             *([f"Training: {self.trained_with['start']}"] if "start" in self.trained_with
               else []),
+            *([self.training_time.format()] if self.training_time else []),
             f"TensorBoard logs: {self.tensorboard_uri}",
             f"Served from cache: {', '.join(self.cached_nodes) or 'nothing'}",
         ])
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingTime:
+    """How long the Trainer execution that made the model trained, from its start (MLMD) to its
+    last epoch (TensorBoard): epochs first..last of `epochs`, and training images a second over
+    the median epoch (its validation pass included)."""
+    seconds: float
+    first_epoch: int    # 1-based; > 1 when the execution resumed
+    last_epoch: int
+    epochs: int
+    images_per_second: float
+
+    def format(self) -> str:
+        return (f"Training time: {console.duration(self.seconds)} for epochs "
+                f"{self.first_epoch}-{self.last_epoch} of {self.epochs}, "
+                f"{self.images_per_second:.0f} img/s (median epoch, validation included)")
+
+
+def training_time(store, trainer: mlmd.ComponentRun) -> Optional[TrainingTime]:
+    """The TrainingTime of the Trainer execution that produced `trainer`'s model (itself, or the
+    execution a cached one reused); None where its TensorBoard events hold no epoch."""
+    made = mlmd.producer(store, trainer.output("model"))
+    events = mlmd.epoch_scalars(trainer.output("model_run").uri, "epoch_loss")
+    if not events:
+        return None
+    epochs = sorted(events)
+    ends = [events[epoch][0] for epoch in epochs]
+    start = made.execution.create_time_since_epoch / 1000
+    recipe = json.loads(made.execution.custom_properties["custom_config"].string_value)
+    steps = json.loads(made.execution.custom_properties["train_args"].string_value)["num_steps"]
+    images_per_epoch = math.ceil(steps / recipe["epochs"]) * recipe["batch_size"]
+    seconds = [b - a for a, b in zip([start] + ends, ends)]
+    return TrainingTime(seconds=ends[-1] - start, first_epoch=epochs[0] + 1,
+                        last_epoch=epochs[-1] + 1, epochs=recipe["epochs"],
+                        images_per_second=images_per_epoch / statistics.median(seconds))
+
+
 def summarize(connection_config: metadata_store_pb2.ConnectionConfig, pipeline_name: str
               ) -> RunSummary:
     """Summary of the pipeline's latest run."""
-    nodes = mlmd.latest_run(metadata_store.MetadataStore(connection_config), pipeline_name)
+    store = metadata_store.MetadataStore(connection_config)
+    nodes = mlmd.latest_run(store, pipeline_name)
     evaluation = nodes["Evaluator"].output("evaluation").uri
     metrics = overall_metrics(evaluation)
     pushed = nodes["Pusher"].output("pushed_model").custom_properties
@@ -115,7 +156,8 @@ def summarize(connection_config: metadata_store_pb2.ConnectionConfig, pipeline_n
         evaluation_uri=evaluation,
         tensorboard_uri=nodes["Trainer"].output("model_run").uri,
         cached_nodes=[node for node, run in nodes.items() if run.cached],
-        trained_with=trained_with(nodes["Trainer"].output("model").uri))
+        trained_with=trained_with(nodes["Trainer"].output("model").uri),
+        training_time=training_time(store, nodes["Trainer"]))
 
 
 def trained_with(model_uri: str) -> Dict[str, str]:

@@ -199,3 +199,27 @@ def test_reconstructions_of_the_pushed_model_match_their_own_inputs(run, mnist_a
     own, others = np.diag(similarity), (similarity * other).sum(1) / other.sum(1)
     assert own.mean() > others.mean() + 0.03, (own.mean(), others.mean())
     assert np.mean(own > others) > 0.6
+
+
+def test_run_report_writes_the_figures_and_the_record(run, tmp_path):
+    """notebooks/run_report.py, the maker of docs/results.md's record: its PNGs, and numbers
+    equal to the Evaluator's and the TensorBoard events'."""
+    from notebooks import analysis, run_report
+    text = run_report.report(str(run["out"] / "pipeline_root"), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(run_report.FIGURES)
+    for name in run_report.FIGURES:
+        assert matplotlib.image.imread(str(tmp_path / name)).shape[0] > 200
+    total = analysis.overall(run["nodes"]["Evaluator"].output("evaluation").uri)
+    assert (f"Test error (Evaluator): {total['error']:.2%} ({total['errors']} of {N_TEST}; "
+            f"the bar allows {N_TEST})") in text
+    assert "Model: BLESSED" in text and f"Pushed to: {run['pushed']}" in text
+    valid = configs.PRESETS["smoke"].split_sizes()["valid"]
+    assert f"First epoch with valid error <= 100.00%: 1 (valid split: {valid} examples)" in text
+    curves = analysis.training_curves(run["nodes"]["Trainer"].output("model_run").uri)
+    accuracy = curves.query("run == 'validation' and metric == 'lengths_accuracy'")
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |")
+            or line.startswith("| 2 |")]
+    assert len(rows) == 2
+    for row, value in zip(rows, accuracy.sort_values("epoch")["value"]):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[5] == f"{value:.2%}" and int(cells[7]) == round((1 - value) * valid)

@@ -9,6 +9,7 @@ The `runs` fixture (tests/conftest.py) makes three runs on one pipeline root and
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -183,6 +184,33 @@ def test_second_identical_run_is_served_from_cache(runs):
     not_cached = {n for n, r in nodes.items() if not r.cached}
     assert not_cached <= {"latest_blessed_model_resolver"}  # resolvers resolve, never cache
     assert nodes["Trainer"].output("model").id == runs["nodes"][0]["Trainer"].output("model").id
+
+
+def test_terminal_shows_a_compact_view_and_the_full_log_goes_to_a_file(runs):
+    """Without --verbose the terminal gets at most 60 lines: a start and an end line for every
+    component (with "from cache" on the second run's), a line per epoch, the summary (with the
+    training time) and the path of the full log, which holds TFX's own lines."""
+    first, again = (stdout.splitlines() for stdout in runs["stdout"][:2])
+    assert len(first) <= 60, "\n".join(first)
+    for node in ALL_NODES:
+        mine = [line for line in first if re.match(rf"\S+  {node} +(started|done in )", line)]
+        assert len(mine) == 2 and "from cache" not in mine[1], (node, mine)
+        done = [line for line in again if re.match(rf"\S+  {node} +done in ", line)]
+        assert len(done) == 1
+        assert done[0].endswith("(from cache)") == (node != "latest_blessed_model_resolver")
+    epochs = [line for line in first if re.search(
+        r"  epoch \d/2  loss \d\.\d{4}  valid acc \d+\.\d\d %  \d+ img/s  ", line)]
+    assert len(epochs) == SMOKE.recipe.epochs == 2, first
+    assert "Trainer ETA" in epochs[0] and epochs[1].endswith("Trainer: last epoch done")
+    assert any(re.fullmatch(r"Training time: .+ for epochs 1-2 of 2, \d+ img/s \(median "
+                            r"epoch, validation included\)", line) for line in first), first
+    assert first[-1].startswith("Full log: ")
+    log = first[-1][len("Full log: "):]
+    assert os.path.dirname(log) == str(runs["out"] / "logs")
+    with open(log) as f:
+        text = f.read()
+    assert "absl: Component Trainer is running." in text and "Epoch 2/2" in text
+    assert len(text.splitlines()) > 20 * len(first)
 
 
 def test_passing_bar_blesses_and_pushes_a_versioned_model(runs):

@@ -4,7 +4,6 @@ Continues from the `runs` fixture's state (tests/conftest.py): the smoke model i
 pushed as the one version in the serving dir. Each scenario is a real local_runner.py process.
 """
 
-import glob
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
 
-from pipeline import configs, run_lock
+from pipeline import configs, mlmd, run_lock
 from tests.conftest import kill_when, latest_nodes, run_local, serving_versions
 
 pytestmark = pytest.mark.e2e
@@ -151,25 +150,29 @@ def test_model_passing_the_bar_but_worse_than_the_blessed_one_is_not_pushed(runs
 
 # ------------------------------------------------------------------------------------- training
 def test_non_finite_loss_fails_the_run_naming_the_step(runs):
+    """The compact view of a failed run: the Trainer's traceback and the error in full on the
+    terminal (stderr), then the path of the full log, which has them too."""
     out, flags = runs["out"], runs["flags"]
     before = serving_versions(out)
     proc = run_local(out, *flags, "--max-test-error", "1.0", "--learning-rate", "1e9",
                      expect_rc=1)
-    assert re.search(r"NonFiniteLossError: training loss is (nan|inf) at global step \d+ "
-                     r"\(epoch 1, step \d+ of the epoch\)", proc.stderr)
+    error = (r"NonFiniteLossError: training loss is (nan|inf) at global step \d+ "
+             r"\(epoch 1, step \d+ of the epoch\)")
+    report = proc.stderr.splitlines()
+    assert re.fullmatch(r"Trainer failed after .+ s:", report[0]), proc.stderr
+    assert report[1] == "Traceback (most recent call last):"
+    assert re.search(error, "\n".join(report[2:-2]))
+    assert re.match(f"error: the pipeline run failed: {error}", report[-2])
+    log = re.fullmatch(r"Full log: (.+)", report[-1]).group(1)
+    with open(log) as f:
+        assert re.search(error, f.read())
+    assert "Traceback" not in proc.stdout and len(proc.stdout.splitlines()) <= 60
     assert serving_versions(out) == before
 
 
 def epoch_scalars(model_run_dir, tag):
-    """{0-based epoch: value} of one per-epoch scalar ('epoch_loss', 'epoch_learning_rate', ...)
-    from a Trainer's TensorBoard events (train/)."""
-    values = {}
-    for path in glob.glob(os.path.join(model_run_dir, "train", "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
+    """{0-based epoch: value} of one per-epoch scalar of a Trainer's TensorBoard events."""
+    return {epoch: value for epoch, (_, value) in mlmd.epoch_scalars(model_run_dir, tag).items()}
 
 
 def test_warm_start_continues_from_the_latest_blessed_model(runs):
@@ -203,7 +206,7 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     (the bar passed) pushes; each epoch's learning rate is the uninterrupted schedule's."""
     out = runs["out"]
     flags = runs["flags"] + ["--epochs", "4", "--steps-per-epoch", "3", "--max-test-error", "1.0",
-                             "--no-baseline"]
+                             "--no-baseline", "--verbose"]  # every log line, on the terminal
     # Epoch 2's checkpoint is written once Keras starts epoch 3.
     assert kill_when([sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
                      "Epoch 3/4") == -signal.SIGKILL
@@ -212,6 +215,7 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     proc = run_local(out, *flags)
     log = proc.stdout + proc.stderr
     assert "resumed at epoch 3 of 4 (checkpoint from " in log
+    assert "absl: Component Trainer is running." in log and "Full log: " not in log  # --verbose
     assert re.findall(r"Epoch (\d+)/4", log) == ["3", "4"]  # the re-run trained epochs 3, 4
     assert "Training: resumed at epoch 3 of 4" in proc.stdout  # the summary says so too
     nodes = latest_nodes(out)
@@ -238,6 +242,14 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     trainer_runs = store.get_executions_by_context(
         store.get_context_by_type_and_name("node", f"{configs.PIPELINE_NAME}.Trainer").id)
     assert [e.last_known_state for e in trainer_runs].count(metadata_store_pb2.Execution.RUNNING) == 1
+    # The whole training's curves, across the kill (what docs/results.md is made from).
+    from notebooks import analysis
+    history = analysis.training_history(store, nodes["Trainer"])
+    losses = history[(history["run"] == "train") & (history["metric"] == "loss")]
+    assert list(losses["epoch"]) == [1, 2, 3, 4]
+    assert list(losses["execution"]) == [killed_id] * 2 + [int(rerun_id)] * 2
+    seconds = analysis.epoch_table(history)["seconds"]
+    assert seconds.isna().tolist() == [True, False, True, False]  # no duration across the kill
     assert all(r.execution.last_known_state in (metadata_store_pb2.Execution.COMPLETE,
                                                 metadata_store_pb2.Execution.CACHED)
                for r in nodes.values())
