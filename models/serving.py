@@ -108,3 +108,33 @@ def _write_model_info(model: keras.Model, export_dir: str, trained_with: Optiona
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, MODEL_INFO_FILE), "w") as f:
         json.dump(info, f, indent=2)
+
+
+def main(argv=None) -> int:
+    """The SavedModel of a saved Keras CapsNet (e.g. pretrained/capsnet_mnist.keras) with both
+    signatures, through a Transform graph (e.g. pretrained/transform_graph): what a Trainer
+    exports, without a pipeline run."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m models.serving", description=main.__doc__)
+    p.add_argument("--model", required=True, help="a .keras CapsNet inference model")
+    p.add_argument("--transform-graph", required=True,
+                   help="a Transform component's transform_graph output dir")
+    p.add_argument("--export-dir", required=True,
+                   help="where the SavedModel goes (a TF Serving version dir, e.g. "
+                        "/models/capsnet/1); must not exist yet")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if tf.io.gfile.exists(args.export_dir):
+        p.error(f"--export-dir {args.export_dir} exists; expected a new directory")
+    import tensorflow_transform as tft
+
+    model = keras.saving.load_model(args.model, compile=False)
+    export_serving_model(model, tft.TFTransformOutput(args.transform_graph), args.export_dir)
+    print(f"SavedModel with signatures serving_default (tf.Example) and {IMAGES_SIGNATURE} "
+          f"(uint8 images): {args.export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,7 @@ import sys
 
 from notebooks import analysis
 from pipeline import summary
+from pipeline.evaluation import max_test_errors
 
 FIGURES = ("training_curves.png", "per_digit.png", "confusion_matrix.png")
 
@@ -37,9 +38,10 @@ def epochs_markdown(table, accuracy: str = "val_lengths_accuracy") -> str:
     return "\n".join(lines)
 
 
-def first_epoch_within(table, max_error: float, accuracy: str = "val_lengths_accuracy"):
-    """The first epoch whose valid error is <= max_error, or None."""
-    within = table.index[1.0 - table[accuracy] <= max_error + 1e-12]
+def first_epoch_within(table, max_errors: int):
+    """The first epoch with at most max_errors valid errors (counted, not compared as
+    float32 accuracies), or None."""
+    within = table.index[table["val_errors"] <= max_errors]
     return int(within[0]) if len(within) else None
 
 
@@ -73,7 +75,8 @@ def report(pipeline_root: str, out_dir: str, metadata_path=None) -> str:
         f"Epochs: {len(table)}; seconds per epoch: median {seconds.median():.0f} "
         f"(min {seconds.min():.0f}, max {seconds.max():.0f}; {len(seconds)} epochs timed)",
         f"First epoch with valid error <= {bar_rate:.2%}: "
-        f"{first_epoch_within(table, bar_rate)} (valid split: {valid} examples)",
+        f"{first_epoch_within(table, max_test_errors(bar_rate, valid))} "
+        f"(valid split: {valid} examples)",
         f"Test error (Evaluator): {total['error']:.2%} ({total['errors']} of "
         f"{total['example_count']}; the bar allows {bar['allowed_errors']})",
         f"Model: {'BLESSED' if blessed else 'NOT BLESSED'}",

@@ -18,6 +18,7 @@ Modules:
 """
 
 import importlib
+import sys
 
 # Lazy exports (PEP 562): `models.capsnet.hardware` must be importable before Keras loads its
 # backend, because the TensorFlow settings it chooses act only before TensorFlow starts.
@@ -34,3 +35,9 @@ def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+if "keras" in sys.modules:
+    # Keras is loaded (its backend chosen), so nothing above is at stake: register the layers and
+    # losses now, and `import keras, models.capsnet` is all keras.saving.load_model needs.
+    importlib.import_module(f"{__name__}.model")
