@@ -316,23 +316,13 @@ def training_curves(model_run_uri: str):
     """The per-epoch scalars Keras' TensorBoard callback wrote under the Trainer's model_run:
     a DataFrame with columns run ('train' or 'validation'), epoch (1-based), metric (e.g.
     'loss'), value and wall_time (when it was written, at the end of the epoch).
-    Read with TensorFlow's event protos, so it needs no TensorBoard server."""
-    import glob
-
+    Read by mlmd.epoch_events."""
     import pandas as pd
-    import tensorflow as tf
 
-    rows = []
-    for run in ("train", "validation"):
-        for path in sorted(glob.glob(os.path.join(model_run_uri, run, "events.out.tfevents.*"))):
-            for record in tf.data.TFRecordDataset(path):
-                event = tf.compat.v1.Event.FromString(record.numpy())
-                for value in event.summary.value:
-                    if value.tag.startswith("epoch_") and value.HasField("tensor"):
-                        rows.append({"run": run, "epoch": event.step + 1,
-                                     "metric": value.tag[len("epoch_"):],
-                                     "value": float(tf.make_ndarray(value.tensor)),
-                                     "wall_time": event.wall_time})
+    rows = [{"run": run, "epoch": epoch + 1, "metric": tag[len("epoch_"):], "value": value,
+             "wall_time": wall}
+            for run in ("train", "validation")
+            for tag, epoch, wall, value in mlmd.epoch_events(model_run_uri, run)]
     if not rows:
         raise FileNotFoundError(f"no per-epoch TensorBoard scalars under {model_run_uri}")
     return pd.DataFrame(rows)
@@ -361,8 +351,9 @@ def resumed_from(store, trainer: ComponentRun) -> List[ComponentRun]:
 def training_history(store, trainer: ComponentRun):
     """training_curves of a whole training, across the killed executions it resumed from
     (resumed_from), with a column `execution` (its id): one row per (run, epoch, metric), the
-    latest execution's where two logged the same epoch. A killed execution's TensorBoard dir is its model_run dir, found
-    beside the final one's (<pipeline root>/Trainer/model_run/<execution id>)."""
+    latest execution's where two logged the same epoch. A killed execution's TensorBoard dir
+    is its model_run dir, found beside the final one's
+    (<pipeline root>/Trainer/model_run/<execution id>)."""
     import pandas as pd
 
     final = trainer.output("model_run").uri

@@ -8,7 +8,7 @@ TFX records every node's execution in the run's `pipeline_run` context, cached o
 
 import dataclasses
 import os
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Iterator, Tuple
 
 from ml_metadata.proto import metadata_store_pb2
 
@@ -113,16 +113,23 @@ def slice_metrics(evaluation_uri: str) -> Dict[tuple, Dict[str, float]]:
     return by_slice
 
 
-def epoch_scalars(model_run_uri: str, tag: str) -> Dict[int, Tuple[float, float]]:
-    """{0-based epoch: (wall time in s, value)} of one per-epoch scalar ('epoch_loss',
-    'epoch_learning_rate', ...) in a Trainer's TensorBoard events (<model_run>/train/); the wall
-    time is when Keras wrote it, at the end of the epoch and its validation pass."""
+def epoch_events(model_run_uri: str, run: str = "train") -> Iterator[Tuple[str, int, float, float]]:
+    """(tag, 0-based epoch, wall time in s, value) of every per-epoch scalar ('epoch_loss',
+    'epoch_learning_rate', ...) in a Trainer's TensorBoard events (<model_run>/<run>/, run
+    'train' or 'validation'); the wall time is when Keras wrote it, at the end of the epoch and
+    its validation pass. Read with TensorFlow's event protos: no TensorBoard server needed."""
     import tensorflow as tf
 
-    values = {}
-    for path in tf.io.gfile.glob(f"{model_run_uri.rstrip('/')}/train/events.out.tfevents.*"):
+    pattern = f"{model_run_uri.rstrip('/')}/{run}/events.out.tfevents.*"
+    for path in sorted(tf.io.gfile.glob(pattern)):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = (event.wall_time, float(tf.make_ndarray(value.tensor)))
-    return values
+                if value.tag.startswith("epoch_") and value.HasField("tensor"):
+                    yield (value.tag, event.step, event.wall_time,
+                           float(tf.make_ndarray(value.tensor)))
+
+
+def epoch_scalars(model_run_uri: str, tag: str) -> Dict[int, Tuple[float, float]]:
+    """{0-based epoch: (wall time in s, value)} of one scalar of epoch_events' train run."""
+    return {epoch: (wall, value) for name, epoch, wall, value in epoch_events(model_run_uri)
+            if name == tag}
