@@ -293,7 +293,8 @@ def bench_primarycaps(args, mnist, work_dir):
             with tf.GradientTape() as tape:
                 tape.watch([x, kernel])
                 loss = tf.reduce_sum(tf.cast(conv(x, kernel), "float32") * probe)
-            return tape.gradient(loss, [x, kernel])
+            # The loss too: the gradients alone do not need the forward, which would be pruned.
+            return [loss, *tape.gradient(loss, [x, kernel])]
         return step
 
     def as_the_model_runs_it(x, k):

@@ -137,6 +137,14 @@ def _squash_vjp(parts, g):
     return scale * g + (2.0 * dscale * ops.sum(s * g, axis=-1, keepdims=True)) * s
 
 
+def _softmax_over_parents(b):
+    """softmax(b, axis=1) for logits b [B, N_out, n], written out: TensorFlow's softmax over an
+    axis other than the last transposes there and back, 2.3x the time of these ops. (`initial`
+    only because Keras refuses an eager max over an empty tensor, and B = 0 is a real batch.)"""
+    e = ops.exp(b - ops.max(b, axis=1, keepdims=True, initial=-np.inf))
+    return e / ops.sum(e, axis=1, keepdims=True)
+
+
 def _weighted_sum(c, uh):
     """s_j = sum_i c_ji uh_ji: c [B, J, n], uh [B, J, n, D] -> [B, J, D] (batched vec-mat)."""
     return ops.squeeze(ops.matmul(ops.expand_dims(c, 2), uh), 2)
@@ -173,7 +181,7 @@ def _route_forward(make, chunks, n_out, routings, squash_eps, first_sum=None):
             uh = make(x)
             agreement = _agreement(uh, v)
             b = agreement if first else previous + agreement
-            c = ops.softmax(b, axis=1)  # over the parents
+            c = _softmax_over_parents(b)
             return _weighted_sum(c, uh), (b, c)
 
         s, (logits, c) = _over_chunks(step, chunks if logits is None else (chunks, logits))
@@ -295,26 +303,26 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
     v [B, n_caps, dim] (and the last couplings c [B, N_in, n_caps] if return_couplings).
 
     Equals layers.dynamic_routing(layers.predictions(u, kernel, n_caps, dim), ...), values and
-    gradients. A chunk of u_hat
-    is one batched matmul over its children ([n, B, D_in] x [n, D_in, n_caps * dim]) and a
-    transpose into the parent-major layout. Pass 1 is the dense matmul
-    u [B, N_in * D_in] x kernel [N_in * D_in, n_caps * dim]. The backward turns each chunk's
-    d u_hat into d u and d kernel with two batched matmuls over its children. u_hat is cast to
-    float32 for routing; the gradients come back in the dtypes of u and kernel.
+    gradients. A chunk of u_hat is one batched matmul over its children
+    ([n, B, D_in] x [n, D_in, n_caps * dim]) and a transpose into the parent-major layout.
+    Pass 1 is the dense matmul u [B, N_in * D_in] x kernel [N_in * D_in, n_caps * dim]. The
+    backward turns each chunk's d u_hat into d u and d kernel with two batched matmuls over its
+    children. All of it runs in float32, whatever the dtypes of u and kernel (cast on the way in;
+    the gradients go back in theirs): it is bound by memory traffic and loop overhead, not by
+    FLOPs (under 1 % of the step's), so bfloat16 would only round u_hat, not save time.
     """
     if routings < 1:
         raise ValueError(f"routings must be >= 1, got {routings}")
     n_in, d_in = kernel.shape[0], kernel.shape[1]
     n_chunks, size, pad = _chunking(n_in)
 
-    def make(x):  # one chunk of u_hat: [B, n_caps, size, dim] float32
+    def make(x):  # one chunk of u_hat: [B, n_caps, size, dim]
         u_c, kernel_c = x  # [size, B, D_in], [size, D_in, n_caps * dim]
         y = ops.transpose(ops.reshape(ops.matmul(u_c, kernel_c), (size, -1, dim)), (1, 0, 2))
-        return ops.cast(ops.reshape(y, (-1, n_caps, size, dim)), "float32")
+        return ops.reshape(y, (-1, n_caps, size, dim))
 
     @ops.custom_gradient
     def fused(u, kernel):
-        dtype = u.dtype
         u_flat = ops.reshape(u, (-1, n_in * d_in))
         kernel_flat = ops.reshape(kernel, (n_in * d_in, n_caps * dim))
         u_t, kernel_p = ops.transpose(u, (1, 0, 2)), kernel  # [N_in, B, D_in]
@@ -323,8 +331,7 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
             kernel_p = ops.pad(kernel, ((0, pad), (0, 0), (0, 0)))
         chunks = (ops.reshape(u_t, (n_chunks, size, -1, d_in)),
                   ops.reshape(kernel_p, (n_chunks, size, d_in, n_caps * dim)))
-        first_sum = ops.reshape(ops.cast(ops.matmul(u_flat, kernel_flat), "float32"),
-                                (-1, n_caps, dim))
+        first_sum = ops.reshape(ops.matmul(u_flat, kernel_flat), (-1, n_caps, dim))
         v, c, saved = _route_forward(make, chunks, n_caps, routings, squash_eps, first_sum)
 
         def grad(*args, upstream=None):
@@ -340,7 +347,7 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
 
                 def chunk_grads(inputs):
                     (u_c, kernel_c), coef = inputs  # coef [B, n_caps, K, size]
-                    d_uh = ops.cast(ops.matmul(ops.transpose(coef, (0, 1, 3, 2)), vec), dtype)
+                    d_uh = ops.matmul(ops.transpose(coef, (0, 1, 3, 2)), vec)
                     d_uh = ops.transpose(ops.reshape(d_uh, (-1, size, dim)), (1, 0, 2))
                     d_uh = ops.reshape(d_uh, (size, -1, n_caps * dim))  # [size, B, n_caps*dim]
                     return (ops.matmul(d_uh, ops.transpose(kernel_c, (0, 2, 1))),
@@ -351,7 +358,7 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
                 d_u = ops.transpose(d_u, (1, 0, 2))
                 d_kernel = ops.reshape(d_kernel, (n_chunks * size, d_in, n_caps * dim))[:n_in]
             if g_s1 is not None:  # pass 1: s_1 = (u_flat kernel_flat) / n_caps
-                g1 = ops.cast(ops.reshape(g_s1, (-1, n_caps * dim)) / n_caps, dtype)
+                g1 = ops.reshape(g_s1, (-1, n_caps * dim)) / n_caps
                 d_u1 = ops.reshape(ops.matmul(g1, ops.transpose(kernel_flat)), (-1, n_in, d_in))
                 d_k1 = ops.reshape(ops.matmul(ops.transpose(u_flat), g1), kernel.shape)
                 d_u = d_u1 if d_u is None else d_u + d_u1
@@ -362,7 +369,7 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
             return v, grad
         return (v, _unchunk_couplings(c, v, n_in)), grad
 
-    out = fused(u, kernel)
+    out = fused(ops.cast(u, "float32"), ops.cast(kernel, "float32"))
     if return_couplings:
         v, c = out
         return v, ops.transpose(c, (0, 2, 1))

@@ -211,14 +211,16 @@ class DigitCaps(keras.layers.Layer):
         n_in, d_in = input_shape[-2], input_shape[-1]
         if n_in is None or d_in is None:
             raise ValueError(f"DigitCaps needs static [N_in, D_in], got input shape {input_shape}")
-        self.kernel = self.add_weight(
+        self.kernel = self.add_weight(  # read as float32 under every policy (see route)
             name="kernel", shape=(n_in, d_in, self.n_caps * self.dim),
-            initializer=self.kernel_initializer)
+            initializer=self.kernel_initializer, autocast=False)
 
     def route(self, inputs):
         """(v [B, n_caps, dim], coupling coefficients c [B, N_in, n_caps]) for capsules `inputs`:
-        u_hat = predictions(inputs, W), then dynamic_routing (or the fast path, which equals it)."""
-        kernel = kernels.read(self.kernel, self.compute_dtype)
+        u_hat = predictions(inputs, W), then dynamic_routing (or the fast path, which equals it).
+        In float32 under every dtype policy, like the routing it feeds: the layer is bound by
+        memory traffic, not FLOPs, and a half-precision u_hat would only lose digits."""
+        inputs, kernel = ops.cast(inputs, "float32"), kernels.read(self.kernel, "float32")
         if kernels.use_fast_path("routing", self.compute_dtype):
             return kernels.predict_and_route(inputs, kernel, self.n_caps, self.dim, self.routings,
                                              self.stop_gradient_routing, SQUASH_EPS,

@@ -37,9 +37,10 @@ def build_capsnet(input_shape=(IMAGE_SIDE, IMAGE_SIDE, 1), n_class=10, routings=
     """Builds (train_model, inference_model); see the module docstring for inputs and outputs.
 
     dtype_policy: None (float32) or a Keras mixed policy, "mixed_float16" / "mixed_bfloat16", for
-    GPUs: variables stay float32, convolutions, u_hat and the decoder compute in 16 bits, while
-    squash, routing, the capsule lengths and the losses compute in float32 (they cast), and the
-    `lengths` output is float32. `compile_capsnet` adds loss scaling for mixed_float16.
+    GPUs: variables stay float32, the convolutions and the decoder compute in 16 bits, while
+    DigitCaps (u_hat and routing), squash, the capsule lengths and the losses compute in float32
+    (they cast), and the `lengths` output is float32. `compile_capsnet` adds loss scaling for
+    mixed_float16.
     """
     dtype = keras.DTypePolicy(dtype_policy) if dtype_policy else None
     image = keras.Input(shape=input_shape, name=IMAGE)

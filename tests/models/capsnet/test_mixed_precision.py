@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 from models.capsnet import build_capsnet, compile_capsnet
+from models.capsnet.layers import DigitCaps, squash
 from models.capsnet.model import policy_of, with_dtype_policy
 
 
@@ -62,12 +63,13 @@ def test_float32_is_the_default():
 def test_bfloat16_outputs_equal_float32_with_the_same_weights(mnist_arrays):
     """The same weights, computed with bfloat16 and with float32, on 32 real test digits.
 
-    Tolerance: bfloat16 keeps 8 significant bits, unit roundoff u = 2^-9 (0.2 %). conv1,
-    PrimaryCaps and u_hat each round their inputs and weights to bf16 and accumulate in float32,
-    so each adds a relative error of about u * sqrt(2) per output (independent roundings over
-    long dot products average out); squash, routing and the lengths run in float32 and pass the
-    relative error on. Three layers give ~0.5 % rms; 0.33 % rms and 0.43 % max were measured at
-    initialisation. 2 % of the largest length bounds it with room for trained weights. The
+    Tolerance: bfloat16 keeps 8 significant bits, unit roundoff u = 2^-9 (0.2 %). conv1 and
+    PrimaryCaps each round their inputs and weights to bf16 and accumulate in float32, so each
+    adds a relative error of about u * sqrt(2) per output (independent roundings over long dot
+    products average out); DigitCaps (u_hat and routing), squash and the lengths run in float32
+    and pass the relative error on. Two layers give ~0.4 % rms; at initialisation the largest
+    difference measured 0.42 % of the largest length (0.49 % when u_hat was bf16 as well).
+    2 % of the largest length bounds it with room for trained weights. The
     decoder's sigmoid outputs lie in [0, 1], each within 0.02 (a few bf16 roundings of 1).
     """
     keras.utils.set_random_seed(0)
@@ -83,3 +85,33 @@ def test_bfloat16_outputs_equal_float32_with_the_same_weights(mnist_arrays):
     recon, recon_ref = (ops.convert_to_numpy(ops.cast(o["recon"], "float32")) for o in (out, ref))
     assert np.abs(recon - recon_ref).max() <= 0.02
     assert with_dtype_policy(float32_model, 3, None) is float32_model
+
+
+def test_digit_caps_computes_in_float32_under_a_bfloat16_policy():
+    """DigitCaps is memory-bound (kernels.predict_and_route): under mixed_bfloat16 it still
+    computes u_hat and routes in float32, from the float32 master kernel. So on inputs that
+    bfloat16 represents exactly (as PrimaryCaps hands them over), it equals the float32 layer
+    to float32 rounding, values and kernel gradient, instead of bf16's 0.2 %."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("uses tf.GradientTape on the layers' variables")
+    import tensorflow as tf
+    rng = np.random.default_rng(3)
+    u = ops.cast(ops.cast(squash(rng.normal(size=(4, 1152, 8)).astype("float32")), "bfloat16"),
+                 "float32")
+    w = rng.normal(size=(4, 10, 16)).astype("float32")
+    outputs = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        layer = DigitCaps(routings=3, dtype=policy)
+        layer.build(u.shape)
+        if outputs:
+            layer.kernel.assign(outputs["float32"][2])
+        with tf.GradientTape() as tape:
+            v = layer(u)
+            loss = tf.reduce_sum(tf.cast(v, "float32") * w)
+        (grad,) = tape.gradient(loss, [layer.kernel.value])
+        assert keras.backend.standardize_dtype(v.dtype) == "float32"
+        outputs[policy] = (ops.convert_to_numpy(v), ops.convert_to_numpy(grad),
+                           ops.convert_to_numpy(layer.kernel))
+    (v32, g32, _), (v16, g16, _) = outputs["float32"], outputs["mixed_bfloat16"]
+    np.testing.assert_allclose(v16, v32, rtol=1e-5, atol=1e-6 * np.abs(v32).max())
+    np.testing.assert_allclose(g16, g32, rtol=1e-4, atol=1e-5 * np.abs(g32).max())
