@@ -99,19 +99,20 @@ def test_digit_caps_computes_in_float32_under_a_bfloat16_policy():
     u = ops.cast(ops.cast(squash(rng.normal(size=(4, 1152, 8)).astype("float32")), "bfloat16"),
                  "float32")
     w = rng.normal(size=(4, 10, 16)).astype("float32")
-    outputs = {}
-    for policy in ("float32", "mixed_bfloat16"):
-        layer = DigitCaps(routings=3, dtype=policy)
+    float32_layer = DigitCaps(routings=3)
+    bf16_layer = DigitCaps(routings=3, dtype="mixed_bfloat16")
+    for layer in (float32_layer, bf16_layer):
         layer.build(u.shape)
-        if outputs:
-            layer.kernel.assign(outputs["float32"][2])
+    bf16_layer.kernel.assign(float32_layer.kernel)
+
+    def value_and_kernel_grad(layer):
         with tf.GradientTape() as tape:
             v = layer(u)
-            loss = tf.reduce_sum(tf.cast(v, "float32") * w)
-        (grad,) = tape.gradient(loss, [layer.kernel.value])
+            loss = tf.reduce_sum(v * w)
         assert keras.backend.standardize_dtype(v.dtype) == "float32"
-        outputs[policy] = (ops.convert_to_numpy(v), ops.convert_to_numpy(grad),
-                           ops.convert_to_numpy(layer.kernel))
-    (v32, g32, _), (v16, g16, _) = outputs["float32"], outputs["mixed_bfloat16"]
+        (grad,) = tape.gradient(loss, [layer.kernel.value])
+        return ops.convert_to_numpy(v), ops.convert_to_numpy(grad)
+
+    (v32, g32), (v16, g16) = map(value_and_kernel_grad, (float32_layer, bf16_layer))
     np.testing.assert_allclose(v16, v32, rtol=1e-5, atol=1e-6 * np.abs(v32).max())
     np.testing.assert_allclose(g16, g32, rtol=1e-4, atol=1e-5 * np.abs(g32).max())
