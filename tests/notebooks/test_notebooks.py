@@ -186,7 +186,12 @@ def test_pictures_notebook_writes_and_shows_the_pngs(run, pictures_nb):
 def test_reconstructions_of_the_pushed_model_match_their_own_inputs(run, mnist_arrays):
     """The pictures come from the trained decoder: each reconstruction looks more like its own
     input than like the other digits' inputs. A 40-step smoke decoder draws mostly the average
-    digit, so compare what each picture adds to the average (centred cosine similarity)."""
+    digit, so compare what each picture adds to the average (centred cosine similarity).
+
+    Pictures unrelated to their inputs would beat the other digits' average for about half of
+    the images, and the mean margin own - others, in units of its standard error, would be a
+    standard normal draw. So: a majority, and that margin over 5 standard errors. (The share
+    alone is noisy on a 40-step model: 0.586, 0.644 and 0.68 in three runs; a fixed 0.6 failed.)"""
     model = visualize.load_inference_model(run["pushed"])
     images, labels = mnist_arrays.x_test[:N_TEST], mnist_arrays.y_test[:N_TEST]
     _, recons = visualize.reconstruct(model, images)
@@ -198,7 +203,10 @@ def test_reconstructions_of_the_pushed_model_match_their_own_inputs(run, mnist_a
     other = labels[:, None] != labels[None, :]
     own, others = np.diag(similarity), (similarity * other).sum(1) / other.sum(1)
     assert own.mean() > others.mean() + 0.03, (own.mean(), others.mean())
-    assert np.mean(own > others) > 0.6
+    margin = own - others
+    standard_errors = margin.mean() / (margin.std(ddof=1) / np.sqrt(N_TEST))
+    assert np.mean(own > others) > 0.5 and standard_errors > 5, (np.mean(own > others),
+                                                                 standard_errors)
 
 
 def test_run_report_writes_the_figures_and_the_record(run, tmp_path):
