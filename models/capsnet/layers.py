@@ -98,13 +98,13 @@ def dynamic_routing(u_hat, routings=3, stop_gradient=False):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Conv2D(keras.layers.Conv2D):
-    """keras.layers.Conv2D whose convolution answers an empty batch itself
-    (`kernels.unless_empty`: TensorFlow's oneDNN convolution misshapes a zero-size batch)."""
+    """keras.layers.Conv2D that answers an empty batch itself (`kernels.unless_empty`:
+    TensorFlow's oneDNN convolution misshapes a zero-size batch). The guard takes in the bias
+    and the activation, so that the backend sees them next to the convolution and can fuse them
+    (oneDNN does, in TensorFlow's graph)."""
 
-    def convolution_op(self, inputs, kernel):
-        convolve = super().convolution_op
-        return kernels.unless_empty(lambda x: convolve(x, kernel), inputs,
-                                    self.compute_output_shape(inputs.shape))
+    def call(self, inputs):
+        return kernels.unless_empty(super().call, inputs, self.compute_output_shape(inputs.shape))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -337,6 +337,32 @@ def test_mask_by_length_ignores_direction_and_component_size():
     np.testing.assert_array_equal(np.delete(out, 7, axis=0), 0.0)
 
 
+# ------------------------------------------------------------------------------------ Conv2D
+
+@pytest.mark.edge_batch
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_conv2d_is_keras_conv2d_with_the_whole_layer_guarded_against_the_empty_batch(batch):
+    """layers.Conv2D answers B = 0 itself, and the guard holds the convolution, the bias and the
+    ReLU together (so TensorFlow's oneDNN can fuse them): for B > 0 the values of
+    keras.layers.Conv2D with the same weights, for B = 0 an empty [0, 20, 20, F]; eagerly and,
+    on TensorFlow, in a graph whose batch is unknown (where the guard is an ops.cond)."""
+    ours = layers.Conv2D(8, 9, activation="relu", bias_initializer="random_normal")
+    theirs = keras.layers.Conv2D(8, 9, activation="relu")
+    ours.build((None, 28, 28, 1))
+    theirs.build((None, 28, 28, 1))
+    theirs.set_weights(ours.get_weights())
+    x = RNG.normal(size=(batch, 28, 28, 1)).astype("float32")
+    got = ops.convert_to_numpy(ours(x))
+    assert got.shape == (batch, 20, 20, 8)
+    if batch:
+        assert (got == 0).any() and (got > 0).any()  # the ReLU acted
+        np.testing.assert_allclose(got, ops.convert_to_numpy(theirs(x)), rtol=1e-5, atol=1e-5)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        graph = tf.function(ours, input_signature=[tf.TensorSpec((None, 28, 28, 1))])
+        np.testing.assert_allclose(graph(x).numpy(), got, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ dynamic batch, serialisation
 
 def test_layers_keep_batch_dynamic_in_a_functional_graph():
