@@ -3,9 +3,9 @@ the paper. Each function here computes exactly what a plain formulation in `laye
 values and gradients (tests/models/capsnet/test_equivalence.py), only faster on the machines
 measured (docs/results.md); `use_fast_path` alone decides where each one runs.
 
-  route, predict_and_route  DigitCaps' dynamic routing (= layers.dynamic_routing) over chunks of
-                            children with a hand-written backward; predict_and_route also
-                            computes u_hat (= layers.predictions) chunk by chunk
+  predict_and_route         DigitCaps: u_hat (= layers.predictions) and dynamic routing
+                            (= layers.dynamic_routing) over chunks of children, with a
+                            hand-written backward
   conv2d_valid              PrimaryCaps' convolution (= ops.conv 'valid') with a batched-matmul
                             backward
   unless_empty              a layer's computation, answered without the backend for an empty batch
@@ -13,6 +13,8 @@ measured (docs/results.md); `use_fast_path` alone decides where each one runs.
 
 `keras.ops` only, like the layers: any Keras 3 backend runs them.
 """
+
+import functools
 
 import keras
 import numpy as np
@@ -79,12 +81,16 @@ def unless_empty(fn, x, output_shape):
 # spec's layout [B, N_in, N_out, D] transposes u_hat for every product and its gradient, and
 # autodiff writes one u_hat-sized gradient per pass plus their sum: ~15 such writes a step.
 # Here:
-#   * DigitCaps never materialises u_hat whole. A loop (ops.map) over chunks of ROUTING_CHUNK
-#     children produces each chunk in the parent-major layout [B, N_out, n, D], where every
-#     routing product is a batched matrix-vector product over contiguous [n, D] blocks, and
-#     recomputes it (one small batched matmul) whenever a pass needs it: a chunk (2.3 MB at
-#     batch 100) dies young, stays in cache and its memory is reused. Being a loop, not
-#     unrolled, it keeps the graph small (fast tracing and export).
+#   * DigitCaps never materialises u_hat whole. A loop (ops.map) over chunks of children
+#     produces each chunk in the parent-major layout [B, N_out, n, D], where every routing
+#     product is a batched matrix-vector product over contiguous [n, D] blocks, and recomputes
+#     it (one small batched matmul) whenever a pass needs it: a chunk (2.3 MB) dies young, stays
+#     in cache and its memory is reused. Being a loop, not unrolled, it keeps the graph small
+#     (fast tracing and export).
+#   * a chunk holds about the same number of (example, child) pairs at every batch size
+#     (`_chunk_count`): 36 children at batch 100, all 1152 at batch 1, where a loop of 32 tiny
+#     chunks would cost more in loop overhead than in memory. In a graph whose batch is unknown
+#     (a serving signature), `ops.switch` picks the chunking from the batch when it runs.
 #   * the backward is written out (`_route_backward`): the 2 * routings - 1 contributions to
 #     d u_hat are gathered per chunk as ONE batched matmul of small factors.
 #   * DigitCaps' first pass (uniform couplings) needs no u_hat at all: sum_i W_ij u_i is one
@@ -92,12 +98,39 @@ def unless_empty(fn, x, output_shape):
 # Equivalence with the plain formulation (values and gradients, same weights and inputs) is
 # tested in tests/models/capsnet/test_equivalence.py.
 
-ROUTING_CHUNK = 36  # children per chunk at most: 1152 = 32 x 36
+ROUTING_CHUNK = 36  # children per chunk at batch 100 and above (training's best there)
+CHUNK_PAIRS = 100 * ROUTING_CHUNK  # (example, child) pairs a chunk holds: 2.3 MB of u_hat
 
 
-def _chunking(n_in):
+def _chunk_counts(n_in):
+    """The chunk counts that routing chooses among for n_in children: 1, 4, 16, ... (each 4x
+    the last), up to the count whose chunks hold at most ROUTING_CHUNK children (1152: 1, 4, 16,
+    32). In a graph of unknown batch each count is a branch of the switch, and each branch costs
+    about 1.2 s of tracing at export: x2 steps (6 branches) made an export 7 s slower, x4 4 s."""
+    most = -(-n_in // ROUTING_CHUNK)
+    counts = [1]
+    while counts[-1] < most:
+        counts.append(min(4 * counts[-1], most))
+    return tuple(counts)
+
+
+def _chunk_count(n_in, batch):
+    """Index into _chunk_counts(n_in) of the fewest chunks that hold at most CHUNK_PAIRS
+    (example, child) pairs each, the last (most chunks) when none does. `batch` is an int, or
+    a scalar int32 tensor in a graph whose batch is unknown (then the index is one too).
+
+    Measured on the AMD EPYC Zen 5, float32 forward: at batch 1 one chunk takes 1.5 ms against
+    6.2 for 32; at batch 10 four take 3.8 ms against 8.2. The whole bf16 serving signature:
+    5.5 against 10.4 ms at batch 1, 12.4 against 15.3 at batch 10 (docs/results.md).
+    """
+    sizes = [-(-n_in // count) for count in _chunk_counts(n_in)][:-1]
+    if isinstance(batch, int):
+        return sum(batch * size > CHUNK_PAIRS for size in sizes)
+    return ops.sum(ops.cast(batch * np.array(sizes, "int32") > CHUNK_PAIRS, "int32"))
+
+
+def _chunking(n_in, n_chunks):
     """(n_chunks, size, pad): n_in children as n_chunks equal chunks, padded by `pad`."""
-    n_chunks = -(-n_in // ROUTING_CHUNK)
     size = -(-n_in // n_chunks)
     return n_chunks, size, n_chunks * size - n_in
 
@@ -161,16 +194,14 @@ def _over_chunks(fn, xs):
     return ops.sum(partial, axis=0), rest
 
 
-def _route_forward(make, chunks, n_out, routings, squash_eps, first_sum=None):
+def _route_forward(make, chunks, n_out, routings, squash_eps, first_sum):
     """Procedure 1 over u_hat in chunks: make(chunks[k]) -> [B, N_out, size, D] float32.
 
     chunks: a tensor or tuple of tensors with the chunk index as their first axis.
-    first_sum: sum_i u_hat_ji [B, N_out, D] when the caller has it cheaper; else summed.
+    first_sum: sum_i u_hat_ji [B, N_out, D], which the caller has without u_hat.
     Returns (v [B, N_out, D], last couplings [n_chunks, B, N_out, size] or None when
     routings == 1 (uniform), saved tensors for `_route_backward`).
     """
-    if first_sum is None:
-        first_sum = ops.sum(ops.map(lambda x: ops.sum(make(x), axis=2), chunks), axis=0)
     # Pass 1: b = 0 gives c = 1/N_out exactly, so s_j = sum_i uh_ji / N_out (no softmax).
     v, parts = _squash_parts(first_sum / n_out, squash_eps)
     squashed, outputs, couplings = [parts], [v], []
@@ -238,49 +269,6 @@ def _route_backward(make, chunks, saved, g_v, g_c=None, stop_gradient=False):
     return coefs, vecs, g_s
 
 
-def route(u_hat, routings, stop_gradient, squash_eps):
-    """Equals `layers.dynamic_routing(u_hat, routings, stop_gradient)` (values and gradients):
-    u_hat [B, N_in, N_out, D] -> (v [B, N_out, D], c [B, N_in, N_out], the last couplings).
-
-    Computed in float32 over parent-major chunks by `_route_forward`, differentiated by
-    `_route_backward`. DigitCaps itself runs `predict_and_route`, which also folds in u_hat.
-    """
-    if routings < 1:
-        raise ValueError(f"routings must be >= 1, got {routings}")
-    u_hat = ops.cast(u_hat, "float32")
-    _, n_in, n_out, dim = u_hat.shape
-    n_chunks, size, pad = _chunking(n_in)
-
-    @ops.custom_gradient
-    def chunked(u_hat):
-        # Chunks of children, parent-major: [n_chunks, B, N_out, size, D] (zero-padded children
-        # add nothing to any sum; their couplings are dropped).
-        x = ops.pad(u_hat, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else u_hat
-        x = ops.reshape(x, (-1, n_chunks, size, n_out, dim))
-        chunks = ops.transpose(x, (1, 0, 3, 2, 4))
-        v, c, saved = _route_forward(lambda chunk: chunk, chunks, n_out, routings, squash_eps)
-        c = _unchunk_couplings(c, v, n_in)
-
-        def grad(*args, upstream=None):
-            g_v, g_c = _upstream(args, upstream, 2)
-            if g_c is not None:
-                g_c = _chunk_couplings(ops.transpose(g_c, (0, 2, 1)), n_chunks, size, pad)
-            coefs, vecs, g_s1 = _route_backward(lambda chunk: chunk, chunks, saved, g_v, g_c,
-                                                stop_gradient)
-            if g_s1 is not None:  # pass 1: c = 1/N_out for every child
-                coefs.append(ops.ones_like(chunks[..., 0]) / n_out)
-                vecs.append(g_s1)
-            coef = ops.stack(coefs, axis=3)  # [n_chunks, B, N_out, K, size]
-            vec = ops.stack(vecs, axis=2)  # [B, N_out, K, D]
-            d = ops.matmul(ops.transpose(coef, (0, 1, 2, 4, 3)), vec)  # [n, B, N_out, size, D]
-            d = ops.reshape(ops.transpose(d, (1, 0, 3, 2, 4)), (-1, n_chunks * size, n_out, dim))
-            return d[:, :n_in] if pad else d
-
-        return (v, ops.transpose(c, (0, 2, 1))), grad
-
-    return chunked(u_hat)
-
-
 def read(variable, dtype):
     """The variable's value as a plain tensor in `dtype`, for functions with a custom gradient:
     TF's custom_gradient must not see a variable read inside (the gradient reaches the variable
@@ -298,9 +286,11 @@ def _upstream(args, upstream, n_outputs):
 
 
 def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_eps,
-                      return_couplings=False):
+                      return_couplings=False, n_chunks=None):
     """DigitCaps' whole computation: u [B, N_in, D_in], kernel [N_in, D_in, n_caps * dim] ->
     v [B, n_caps, dim] (and the last couplings c [B, N_in, n_caps] if return_couplings).
+    n_chunks: how many chunks of children; by default chosen from the batch (`_chunk_count`),
+    with ops.switch where the batch is unknown until the graph runs.
 
     Equals layers.dynamic_routing(layers.predictions(u, kernel, n_caps, dim), ...), values and
     gradients. A chunk of u_hat is one batched matmul over its children
@@ -313,8 +303,26 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
     """
     if routings < 1:
         raise ValueError(f"routings must be >= 1, got {routings}")
+    u, kernel = ops.cast(u, "float32"), ops.cast(kernel, "float32")
+    args = (n_caps, dim, routings, stop_gradient, squash_eps, return_couplings)
+    if n_chunks is not None:
+        return _predict_and_route(u, kernel, n_chunks, *args)
+    n_in, counts = kernel.shape[0], _chunk_counts(kernel.shape[0])
+    if u.shape[0] is not None or len(counts) == 1:
+        return _predict_and_route(u, kernel, counts[_chunk_count(n_in, u.shape[0] or 0)], *args)
+    return ops.switch(_chunk_count(n_in, ops.shape(u)[0]),
+                      [functools.partial(_predict_and_route, n_chunks=count, n_caps=n_caps,
+                                         dim=dim, routings=routings, stop_gradient=stop_gradient,
+                                         squash_eps=squash_eps,
+                                         return_couplings=return_couplings)
+                       for count in counts], u, kernel)
+
+
+def _predict_and_route(u, kernel, n_chunks, n_caps, dim, routings, stop_gradient, squash_eps,
+                       return_couplings):
+    """predict_and_route over n_chunks chunks of children; u and kernel float32."""
     n_in, d_in = kernel.shape[0], kernel.shape[1]
-    n_chunks, size, pad = _chunking(n_in)
+    n_chunks, size, pad = _chunking(n_in, n_chunks)
 
     def make(x):  # one chunk of u_hat: [B, n_caps, size, dim]
         u_c, kernel_c = x  # [size, B, D_in], [size, D_in, n_caps * dim]
@@ -369,7 +377,7 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
             return v, grad
         return (v, _unchunk_couplings(c, v, n_in)), grad
 
-    out = fused(ops.cast(u, "float32"), ops.cast(kernel, "float32"))
+    out = fused(u, kernel)
     if return_couplings:
         v, c = out
         return v, ops.transpose(c, (0, 2, 1))

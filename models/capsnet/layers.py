@@ -69,8 +69,8 @@ def dynamic_routing(u_hat, routings=3, stop_gradient=False):
     """Routing-by-agreement between children i and parents j, paper Procedure 1, as written.
 
     u_hat [B, N_in, N_out, D] -> (v [B, N_out, D], c [B, N_in, N_out], the couplings of the
-    last pass); computed in float32. The reference that the fast path (kernels.route,
-    kernels.predict_and_route) is tested against.
+    last pass); computed in float32. The reference that the fast path
+    (kernels.predict_and_route) is tested against.
 
     stop_gradient=False: gradients flow through every pass (XifengGuo/CapsNet-Keras master and the
     official code). stop_gradient=True: u_hat is seen through stop_gradient in every pass except

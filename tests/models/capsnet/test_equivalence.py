@@ -1,11 +1,11 @@
 """The fast paths (models/capsnet/kernels.py) against the plain formulations (layers.py): same
 weights, same inputs -> same outputs and the same gradients, within float32 tolerance.
 
-DigitCaps: the chunked parent-major routing with its hand-written backward (kernels.route,
-kernels.predict_and_route) against layers.dynamic_routing (paper Procedure 1, as written) over
-layers.predictions, differentiated by the backend's autodiff. PrimaryCaps: kernels.conv2d_valid's
-matmul backward against the backend's own convolution gradient.
-"""
+DigitCaps: the chunked parent-major routing with its hand-written backward
+(kernels.predict_and_route, in the chunkings it chooses) against layers.dynamic_routing (paper
+Procedure 1, as written) over layers.predictions, differentiated by the backend's autodiff.
+PrimaryCaps: kernels.conv2d_valid's matmul backward against the backend's own convolution
+gradient."""
 
 import numpy as np
 import pytest
@@ -71,16 +71,18 @@ def probes(*shape):
 
 # ------------------------------------------------------------------------------------ tests
 
-# (batch, N_in, D_in, N_out, D): MNIST's DigitCaps, and a small one whose N_in is no multiple of
-# the routing chunk (so the last chunk is short).
-SHAPES = [(3, 1152, 8, 10, 16), (2, 2 * kernels.ROUTING_CHUNK + 5, 3, 4, 5)]
+# (batch, N_in, D_in, N_out, D, chunks): MNIST's DigitCaps in the chunking its batch chooses
+# (one chunk at batch 3) and in 32 chunks of 36 (batch 100's); a small one whose N_in is no
+# multiple of its 3 chunks (77 children as 3 x 26: the last chunk is padded).
+CASES = [(3, 1152, 8, 10, 16, None), (3, 1152, 8, 10, 16, 32),
+         (2, 2 * kernels.ROUTING_CHUNK + 5, 3, 4, 5, 3)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["mnist", "ragged"])
+@pytest.mark.parametrize("case", CASES, ids=["mnist", "mnist-32-chunks", "ragged"])
 @pytest.mark.parametrize("routings", [1, 2, 3, 4])
 @pytest.mark.parametrize("stop_gradient", [False, True], ids=["grad", "stopgrad"])
-def test_predict_and_route_matches_reference(shape, routings, stop_gradient):
-    batch, n_in, d_in, n_out, dim = shape
+def test_predict_and_route_matches_reference(case, routings, stop_gradient):
+    batch, n_in, d_in, n_out, dim, chunks = case
     u = ops.convert_to_numpy(layers.squash(RNG.normal(size=(batch, n_in, d_in)).astype("float32")))
     kernel = RNG.normal(scale=0.3, size=(n_in, d_in, n_out * dim)).astype("float32")
     w_v, w_c = probes(batch, n_out, dim), probes(batch, n_in, n_out)
@@ -92,7 +94,7 @@ def test_predict_and_route_matches_reference(shape, routings, stop_gradient):
         return fn
 
     fast = loss(lambda u, k: predict_and_route(u, k, n_out, dim, routings, stop_gradient,
-                                               return_couplings=True))
+                                               return_couplings=True, n_chunks=chunks))
     slow = loss(lambda u, k: ref_digit_caps(u, k, n_out, dim, routings, stop_gradient))
     y, (du, dk) = value_and_grads(fast, u, kernel)
     y_ref, (du_ref, dk_ref) = value_and_grads(slow, u, kernel)
@@ -101,29 +103,10 @@ def test_predict_and_route_matches_reference(shape, routings, stop_gradient):
     assert_close(dk, dk_ref, what="d kernel")
     assert np.abs(dk_ref).max() > 0 and np.abs(du_ref).max() > 0
 
-    v = ops.convert_to_numpy(predict_and_route(u, kernel, n_out, dim, routings, stop_gradient))
+    v = ops.convert_to_numpy(predict_and_route(u, kernel, n_out, dim, routings, stop_gradient,
+                                               n_chunks=chunks))
     v_ref, _ = ref_digit_caps(u, kernel, n_out, dim, routings)
     assert_close(v, ops.convert_to_numpy(v_ref), rtol=1e-5, what="v")
-
-
-@pytest.mark.parametrize("routings", [1, 3])
-@pytest.mark.parametrize("stop_gradient", [False, True], ids=["grad", "stopgrad"])
-def test_dynamic_routing_matches_reference(routings, stop_gradient):
-    u_hat = RNG.normal(scale=0.2, size=(2, 1152, 10, 16)).astype("float32")
-    w_v, w_c = probes(2, 10, 16), probes(2, 1152, 10)
-
-    def loss(route):
-        def fn(u_hat):
-            v, c = route(u_hat)
-            return ops.sum(v * w_v) + ops.sum(c * w_c)
-        return fn
-
-    y, (g,) = value_and_grads(loss(lambda x: kernels.route(x, routings, stop_gradient, EPS)),
-                              u_hat)
-    y_ref, (g_ref,) = value_and_grads(loss(lambda x: ref_routing(x, routings, stop_gradient)),
-                                      u_hat)
-    assert_close(y, y_ref, what="loss")
-    assert_close(g, g_ref, what="d u_hat")
 
 
 def test_digit_caps_layer_matches_reference_with_its_own_weights():
@@ -168,6 +151,58 @@ def test_edge_batches(batch):
     if batch:
         v_ref, _ = ref_digit_caps(u, kernel, 10, 16, 3)
         assert_close(v, ops.convert_to_numpy(v_ref), rtol=1e-5)
+
+
+def test_a_chunk_holds_about_as_many_pairs_at_every_batch():
+    """The chunking follows the batch: the fewest chunks that hold at most CHUNK_PAIRS
+    (example, child) pairs each (one long chunk at batch 1, where loop overhead dominates; 36
+    children at batch 100, training's best), the most chunks when none does. The graph's
+    version (a tensor batch) chooses the same."""
+    counts = kernels._chunk_counts(1152)
+    assert counts == (1, 4, 16, 32)
+    assert kernels._chunk_counts(36) == (1,) and kernels._chunk_counts(77) == (1, 3)
+    chosen = {b: counts[kernels._chunk_count(1152, b)] for b in (0, 1, 3, 4, 10, 30, 100, 1000)}
+    assert chosen == {0: 1, 1: 1, 3: 1, 4: 4, 10: 4, 30: 16, 100: 32, 1000: 32}
+    for batch in range(1, 101):
+        i = kernels._chunk_count(1152, batch)
+        assert batch * -(-1152 // counts[i]) <= kernels.CHUNK_PAIRS
+        assert i == 0 or batch * -(-1152 // counts[i - 1]) > kernels.CHUNK_PAIRS
+        in_graph = kernels._chunk_count(1152, ops.convert_to_tensor(batch, "int32"))
+        assert int(ops.convert_to_numpy(in_graph)) == i
+
+
+@pytest.mark.edge_batch
+def test_a_graph_of_unknown_batch_routes_right_in_every_chunking_it_switches_to():
+    """A serving signature's batch is unknown when it is traced, so ops.switch picks the
+    chunking when it runs: at batches 1, 10, 30 and 100 (1, 4, 16 and 32 chunks) the graph's
+    values and gradients are the reference's, and the empty batch answers with empty outputs."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a graph of unknown batch is TensorFlow's (JAX traces static shapes)")
+    import tensorflow as tf
+    kernel = tf.constant(RNG.normal(scale=0.3, size=(1152, 8, 160)).astype("float32"))
+
+    def outputs_and_grads(route):
+        def fn(u):
+            with tf.GradientTape() as tape:
+                tape.watch([u, kernel])
+                v, c = route(u, kernel)
+                loss = tf.reduce_sum(v * v) + tf.reduce_sum(c * c)
+            return (v, c, *tape.gradient(loss, [u, kernel]))
+        return fn
+
+    graph = tf.function(outputs_and_grads(lambda u, k: predict_and_route(
+        u, k, 10, 16, 3, return_couplings=True)),
+        input_signature=[tf.TensorSpec((None, 1152, 8), tf.float32)])
+    reference = outputs_and_grads(lambda u, k: ref_digit_caps(u, k, 10, 16, 3))
+    traced = graph.get_concrete_function().graph.get_operations()
+    assert {"Case", "StatelessCase"} & {op.type for op in traced}  # the switch is in the graph
+    for batch in (1, 10, 30, 100):
+        u = tf.constant(layers.squash(RNG.normal(size=(batch, 1152, 8)).astype("float32")))
+        for got, want, what in zip(graph(u), reference(u), ("v", "c", "d u", "d kernel")):
+            assert_close(got.numpy(), want.numpy(), what=f"{what} at batch {batch}")
+    v, c, d_u, d_kernel = graph(tf.zeros((0, 1152, 8)))
+    assert (v.shape, c.shape, d_u.shape) == ((0, 10, 16), (0, 1152, 10), (0, 1152, 8))
+    assert not np.any(d_kernel.numpy())
 
 
 def test_half_precision_inputs_route_in_float32():
