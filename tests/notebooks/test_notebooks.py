@@ -202,7 +202,6 @@ def test_reconstructions_of_the_pushed_model_match_their_own_inputs(run, mnist_a
         (x / np.linalg.norm(x, axis=1, keepdims=True)).T
     other = labels[:, None] != labels[None, :]
     own, others = np.diag(similarity), (similarity * other).sum(1) / other.sum(1)
-    assert own.mean() > others.mean() + 0.03, (own.mean(), others.mean())
     margin = own - others
     standard_errors = margin.mean() / (margin.std(ddof=1) / np.sqrt(N_TEST))
     assert np.mean(own > others) > 0.5 and standard_errors > 5, (np.mean(own > others),
