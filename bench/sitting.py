@@ -158,23 +158,25 @@ def describe_run(records: Sequence[dict]) -> str:
     return ""
 
 
-def median(values: Sequence[Optional[float]]) -> Optional[float]:
-    """The median of the values that are there; None when none is (every round failed)."""
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
+def medians(records: Dict[str, List[dict]]) -> Dict[str, Optional[float]]:
+    """Each run's median images/s over the rounds that measured one; None where every round
+    failed."""
+    present = {name: [r["images_per_s"] for r in rs if r["images_per_s"] is not None]
+               for name, rs in records.items()}
+    return {name: statistics.median(v) if v else None for name, v in present.items()}
 
 
 def table(runs: Sequence[Run], records: Dict[str, List[dict]], rounds: int) -> str:
     """The markdown table: a row per run, a column per round, the median and the ratio of
     medians against the run it is compared with."""
-    medians = {run.name: median([r["images_per_s"] for r in records[run.name]]) for run in runs}
+    middle = medians(records)
     head = ["images/s", *[f"round {i + 1}" for i in range(rounds)], "**median**", "vs the seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         cells = [run.label + describe_run(records[run.name])]
         cells += [fmt(r["images_per_s"]) for r in records[run.name]]
         cells += [""] * (rounds - len(records[run.name]))
-        mine, theirs = medians[run.name], medians.get(run.versus)
+        mine, theirs = middle[run.name], middle.get(run.versus)
         cells.append(f"**{fmt(mine)}**")
         cells.append(f"{mine / theirs:.2f}×" if mine and theirs else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -269,11 +271,10 @@ def main(argv=None) -> int:
                 with open(args.log, "a") as f:
                     f.write(json.dumps(record) + "\n")
     ended = datetime.datetime.now(datetime.timezone.utc)
-    medians = {run.name: median([r["images_per_s"] for r in records[run.name]]) for run in runs}
     print("\n".join([
         *header(cpu), f"sitting: {started:%Y-%m-%d %H:%M}–{ended:%H:%M} UTC, {args.rounds} "
         f"alternating rounds, batch {TARGET_BATCH}", "", table(runs, records, args.rounds), "",
-        *verdict(cpu, medians)]))
+        *verdict(cpu, medians(records))]))
     failed = any(r["images_per_s"] is None for rs in records.values() for r in rs)
     return 1 if failed else 0
 

@@ -129,12 +129,6 @@ def _chunk_count(n_in, batch):
     return ops.sum(ops.cast(batch * np.array(sizes, "int32") > CHUNK_PAIRS, "int32"))
 
 
-def _chunking(n_in, n_chunks):
-    """(n_chunks, size, pad): n_in children as n_chunks equal chunks, padded by `pad`."""
-    size = -(-n_in // n_chunks)
-    return n_chunks, size, n_chunks * size - n_in
-
-
 def _chunk_couplings(c, n_chunks, size, pad):
     """Couplings-shaped [B, N_out, N_in] -> [n_chunks, B, N_out, size] (zero-padded)."""
     if pad:
@@ -304,25 +298,26 @@ def predict_and_route(u, kernel, n_caps, dim, routings, stop_gradient, squash_ep
     if routings < 1:
         raise ValueError(f"routings must be >= 1, got {routings}")
     u, kernel = ops.cast(u, "float32"), ops.cast(kernel, "float32")
-    args = (n_caps, dim, routings, stop_gradient, squash_eps, return_couplings)
+    chunked = functools.partial(_predict_and_route, n_caps=n_caps, dim=dim, routings=routings,
+                                stop_gradient=stop_gradient, squash_eps=squash_eps,
+                                return_couplings=return_couplings)
     if n_chunks is not None:
-        return _predict_and_route(u, kernel, n_chunks, *args)
+        return chunked(u, kernel, n_chunks=n_chunks)
     n_in, counts = kernel.shape[0], _chunk_counts(kernel.shape[0])
-    if u.shape[0] is not None or len(counts) == 1:
-        return _predict_and_route(u, kernel, counts[_chunk_count(n_in, u.shape[0] or 0)], *args)
+    if u.shape[0] is not None:
+        return chunked(u, kernel, n_chunks=counts[_chunk_count(n_in, u.shape[0])])
+    if len(counts) == 1:
+        return chunked(u, kernel, n_chunks=counts[0])
     return ops.switch(_chunk_count(n_in, ops.shape(u)[0]),
-                      [functools.partial(_predict_and_route, n_chunks=count, n_caps=n_caps,
-                                         dim=dim, routings=routings, stop_gradient=stop_gradient,
-                                         squash_eps=squash_eps,
-                                         return_couplings=return_couplings)
-                       for count in counts], u, kernel)
+                      [functools.partial(chunked, n_chunks=count) for count in counts], u, kernel)
 
 
 def _predict_and_route(u, kernel, n_chunks, n_caps, dim, routings, stop_gradient, squash_eps,
                        return_couplings):
     """predict_and_route over n_chunks chunks of children; u and kernel float32."""
     n_in, d_in = kernel.shape[0], kernel.shape[1]
-    n_chunks, size, pad = _chunking(n_in, n_chunks)
+    size = -(-n_in // n_chunks)  # children per chunk; the last chunk padded by `pad` zeros
+    pad = n_chunks * size - n_in
 
     def make(x):  # one chunk of u_hat: [B, n_caps, size, dim]
         u_c, kernel_c = x  # [size, B, D_in], [size, D_in, n_caps * dim]
