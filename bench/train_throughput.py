@@ -8,9 +8,11 @@
       written as Transform writes them (gzipped TFRecords, image_xf float [28,28,1], label_xf).
   python -m bench.train_throughput --mode input
       The same dataset, iterated alone: the input pipeline's ceiling.
-  python -m bench.train_throughput --mode digitcaps
+  python -m bench.train_throughput --mode digitcaps [--chunks N] [--forward-only]
       DigitCaps alone (u_hat + dynamic routing), forward and backward, on random capsules:
-      the part of the step this project's layout work targets.
+      the part of the step this project's layout work targets. --chunks routes over N chunks of
+      children instead of the count the layer chooses for the batch (the chunk-size sweep of
+      docs/results.md); --forward-only times the forward alone (as serving runs it).
   python -m bench.train_throughput --mode primarycaps
       PrimaryCaps' convolution alone (94 % of the FLOPs), forward and both gradients, on random
       inputs: as the model runs it (`models.capsnet.kernels.conv2d_valid` where
@@ -62,6 +64,11 @@ def parse_args(argv):
     p.add_argument("--max-shift", type=int, default=2,
                    help="train/input: random shift of up to ±px, as the recipe (default: 2)")
     p.add_argument("--routings", type=int, default=3, help="routing iterations (default: 3)")
+    p.add_argument("--chunks", type=int,
+                   help="digitcaps: chunks of children to route over (default: the layer's "
+                        "choice for the batch, models.capsnet.kernels._chunk_count)")
+    p.add_argument("--forward-only", action="store_true",
+                   help="digitcaps: time the forward alone (default: forward and backward)")
     p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_CHOICES,
                    help="train/digitcaps/primarycaps: the compute dtype, chosen as the Trainer "
                         "does (models/capsnet/hardware.py; default: auto)")
@@ -87,6 +94,10 @@ def parse_args(argv):
         p.error("--cpu-replicas must be >= 0")
     if args.model and args.mode != "serve":
         p.error("--model is for --mode serve")
+    if (args.chunks is not None or args.forward_only) and args.mode != "digitcaps":
+        p.error("--chunks and --forward-only are for --mode digitcaps")
+    if args.chunks is not None and args.chunks < 1:
+        p.error("--chunks must be >= 1")
     return args
 
 
@@ -99,7 +110,7 @@ def capsnet_flops_per_image(routings=3):
               agreements) + decoder = 406.4 MFLOP at 3 routings
     serve     forward without the decoder (the signatures return the lengths only)
     train     3 x forward, less conv1's input gradient (never needed) = 1.20 GFLOP
-    digitcaps u_hat + routing, forward and backward (3 x forward)
+    digitcaps u_hat + routing, forward and backward (3 x forward; a third with --forward-only)
     primarycaps  the PrimaryCaps convolution, forward, input and kernel gradients (3 x forward)
     """
     conv1 = 20 * 20 * 256 * (9 * 9 * 1)
@@ -256,7 +267,8 @@ def bench_input(args, mnist, work_dir):
 def bench_digitcaps(args, mnist, work_dir):
     import numpy as np
     import tensorflow as tf
-    from models.capsnet.layers import DigitCaps, squash
+    from models.capsnet import kernels
+    from models.capsnet.layers import SQUASH_EPS, DigitCaps, squash
 
     rng = np.random.default_rng(0)
     dtype = compute_dtype(args)
@@ -265,14 +277,25 @@ def bench_digitcaps(args, mnist, work_dir):
     layer = DigitCaps(routings=args.routings, dtype=compute_policy(args))
     layer.build(u.shape)
 
+    def digit_caps(u):
+        if args.chunks is None:
+            return layer(u)
+        return kernels.predict_and_route(
+            tf.cast(u, "float32"), kernels.read(layer.kernel, "float32"), layer.n_caps,
+            layer.dim, layer.routings, layer.stop_gradient_routing, SQUASH_EPS,
+            n_chunks=args.chunks)
+
     @tf.function
     def step():
+        if args.forward_only:
+            return digit_caps(u)
         with tf.GradientTape() as tape:
             tape.watch(u)
-            loss = tf.reduce_sum(layer(u) * probe)
+            loss = tf.reduce_sum(digit_caps(u) * probe)
         return tape.gradient(loss, [u, layer.kernel.value])
 
-    return time_steps(step, args), capsnet_flops_per_image(args.routings)["digitcaps"]
+    flops = capsnet_flops_per_image(args.routings)["digitcaps"]
+    return time_steps(step, args), flops // 3 if args.forward_only else flops
 
 
 def bench_primarycaps(args, mnist, work_dir):

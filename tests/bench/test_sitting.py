@@ -1,5 +1,5 @@
-"""bench.sitting: the plan of a round, the table and the AMX verdict from known records, and two
-real sittings of one short run (no wall-clock assertions: only that the figures it prints are the
+"""bench.sitting: the plan of a round, the table and the verdict on the targets from known
+records, and two real sittings of one short run (no wall-clock assertions: only that the figures it prints are the
 ones its runs measured)."""
 
 import json
@@ -76,17 +76,21 @@ def test_a_run_that_never_succeeded_has_no_median_and_no_ratio():
     assert rows[3] == "| the seed | 1,234.5 | **1,234.5** |  |"
 
 
-def test_the_amx_targets_are_judged_only_on_a_cpu_with_amx():
-    no_amx = hardware.Cpu("AMD EPYC", frozenset({"avx2", "avx512_bf16"}))
-    (line,) = sitting.verdict(no_amx, {"train_auto": 999.0, "serve_bf16": 9999.0})
-    assert "no AMX-BF16" in line and "not measured" in line
+def test_each_class_of_cpu_is_judged_against_its_own_targets():
+    plain = hardware.Cpu("AMD EPYC", frozenset({"avx2"}))
+    (line,) = sitting.verdict(plain, {"train_auto": 999.0, "serve_bf16": 9999.0})
+    assert "no native bf16" in line and "--baseline" in line
     amx = hardware.Cpu("Intel Xeon", frozenset({"avx512_bf16", "amx_bf16"}))
-    assert sitting.verdict(amx, {"train_auto": 400.0, "serve_bf16": 1_199.9}) == [
-        "AMX target train_auto ≥ 400 images/s: median 400.0, met",
-        "AMX target serve_bf16 ≥ 1,200 images/s: median 1,199.9, NOT met"]
+    assert sitting.verdict(amx, {"train_auto": 450.0, "serve_bf16": 1_499.9}) == [
+        "amx_bf16 target train_auto ≥ 450 images/s: median 450.0, met",
+        "amx_bf16 target serve_bf16 ≥ 1,500 images/s: median 1,499.9, NOT met"]
     assert sitting.verdict(amx, {"train_auto": None}) == [
-        "AMX target train_auto ≥ 400 images/s: median failed, failed",
-        "AMX target serve_bf16 ≥ 1,200 images/s: median -, not run"]
+        "amx_bf16 target train_auto ≥ 450 images/s: median failed, failed",
+        "amx_bf16 target serve_bf16 ≥ 1,500 images/s: median -, not run"]
+    avx512 = hardware.Cpu("AMD EPYC", frozenset({"avx2", "avx512_bf16"}))
+    assert sitting.verdict(avx512, {"train_auto": 399.9, "serve_bf16": 1_400.0}) == [
+        "avx512_bf16 target train_auto ≥ 400 images/s: median 399.9, NOT met",
+        "avx512_bf16 target serve_bf16 ≥ 1,400 images/s: median 1,400.0, met"]
 
 
 def test_the_last_json_object_line_is_the_result():
@@ -126,7 +130,7 @@ def test_a_real_sitting_prints_the_figures_its_runs_measured(tmp_path, capsys, m
     assert cells[1:3] == [f"{v:,.1f}" for v in values]
     assert cells[3] == f"**{statistics.median(values):,.1f}**" and cells[4] == ""
     assert out.splitlines()[0].startswith(f"CPU: {hardware.this_cpu().model}, ")
-    assert ("no AMX-BF16" in out) == ("amx_bf16" not in hardware.this_cpu().flags)
+    assert ("no native bf16" in out) == (hardware.this_cpu().native_bf16 is None)
 
 
 def test_a_failing_run_reads_failed_and_fails_the_sitting(tmp_path, capsys):

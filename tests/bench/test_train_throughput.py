@@ -75,6 +75,17 @@ def test_digitcaps_mode_one_step(capsys, mnist_cache_dir):
     assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
 
 
+def test_digitcaps_mode_with_chosen_chunks_forward_only(capsys, mnist_cache_dir):
+    """The chunk sweep's form: two chunks of 576 children, the forward alone (a third of the
+    forward-and-backward FLOPs); flags for other modes are refused."""
+    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch", "8",
+                 "--chunks", "2", "--forward-only", "--data-cache-dir", mnist_cache_dir)
+    flops = train_throughput.capsnet_flops_per_image()["digitcaps"]
+    assert result["mode"] == "digitcaps" and result["flops_per_image"] == flops // 3
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--mode", "train", "--chunks", "2"])
+
+
 def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cache_dir):
     result = run(capsys, "--mode", "primarycaps", "--steps", "1", "--warmup", "1", "--batch", "4",
                  "--data-cache-dir", mnist_cache_dir)
