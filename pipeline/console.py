@@ -14,10 +14,19 @@ plus the run's own messages and its summary. The view reads the log as written, 
 that writes it: TFX's "Component X is running/finished" and "A cached execution N is used",
 Keras' `verbose=2` epoch lines ("Epoch 15/50", "550/550 - 267s - ... - loss: ... -
 val_lengths_accuracy: ..."), and the Trainer's "Trainer: ..." lines.
+
+On a terminal (a TTY), the `Terminal` also shows, within an epoch, a live line redrawn in place
+about once a second and cleared before the next line of the view:
+
+    01:06:12    epoch 15/50  step 120/550  275 img/s  epoch ETA 2 min 36 s  Trainer ETA 1 h 58 min
+
+It comes from the Trainer's `models.progress` records, which never reach the log (that logger
+does not propagate; `Capture` attaches its own handler). Elsewhere the view is as above.
 """
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import statistics
@@ -140,6 +149,76 @@ class CompactView:
         return self.failed or []
 
 
+def progress_line(progress, now: float) -> str:
+    """The live line for a `models.progress.Progress` (module docstring), logged at `now`."""
+    clock = time.strftime("%H:%M:%S", time.localtime(now))
+    return "  ".join([
+        f"{clock}    epoch {progress.epoch}/{progress.epochs}",
+        f"step {progress.step}/{progress.steps}",
+        f"{progress.images_per_second:.0f} img/s",
+        f"epoch ETA {duration(progress.epoch_seconds_left)}",
+        f"Trainer ETA {duration(progress.run_seconds_left)}"])
+
+
+class Terminal:
+    """Where the view is shown: its lines, and on a TTY one live line redrawn in place ('\\r',
+    then erase to the end of the line) and erased before the next line. Not a TTY (a pipe, a
+    file): live lines are dropped, so the output is the view's lines alone.
+
+    Thread-safe: `Capture` writes lines from its pump thread, live lines from the Trainer's.
+    """
+    ERASE = "\r\x1b[K"  # carriage return, then ANSI "erase to end of line"
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.live = stream.isatty()
+        self._lock = threading.Lock()
+        self._showing = False  # a live line is on the screen
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(self._erase() + text + "\n")
+            self.stream.flush()
+
+    def progress(self, text: str) -> None:
+        """Redraws the live line, cut to the terminal's width (a wrapped line would not redraw
+        in place)."""
+        if not self.live:
+            return
+        with self._lock:
+            self.stream.write(self.ERASE + text[:self._columns() - 1])
+            self.stream.flush()
+            self._showing = True
+
+    def erase(self) -> None:
+        """Erases the live line, if one is shown (at the end of the view)."""
+        with self._lock:
+            self.stream.write(self._erase())
+            self.stream.flush()
+
+    def _erase(self) -> str:
+        showing, self._showing = self._showing, False
+        return self.ERASE if showing else ""
+
+    def _columns(self) -> int:
+        """The terminal's width now (it may be resized); a huge one where the stream has none."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError):  # no file descriptor, or not a terminal's
+            return sys.maxsize
+
+
+class _ProgressHandler(logging.Handler):
+    """Shows `models.progress` records as the terminal's live line."""
+
+    def __init__(self, terminal: Terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.terminal.progress(progress_line(record.progress, record.created))
+
+
 def log_path(output_dir: str, now: Optional[float] = None) -> str:
     """<output_dir>/logs/run-<UTC time>.log: one file per run, never overwritten."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
@@ -148,7 +227,8 @@ def log_path(output_dir: str, now: Optional[float] = None) -> str:
 
 class Capture(contextlib.AbstractContextManager):
     """Redirects file descriptors 1 and 2 (so C++ and child-process output too) into a pipe; a
-    thread writes every line to `path` and shows what `view` returns on the real terminal.
+    thread writes every line to `path` and shows what `view` returns on the real terminal, where
+    a TTY also shows the Trainer's live progress line (never written to `path`).
 
     Leaving restores the terminal; a SIGKILL leaves the log written up to its last line.
     """
@@ -162,6 +242,13 @@ class Capture(contextlib.AbstractContextManager):
         sys.stdout.flush()
         sys.stderr.flush()
         self._terminal = os.dup(1), os.dup(2)
+        self.terminal = Terminal(os.fdopen(self._terminal[0], "w", encoding="utf-8",
+                                           errors="replace", closefd=False))
+        self._live = None  # (logger, handler) while the terminal shows the live line
+        if self.terminal.live:
+            from models import progress  # loads Keras, as the run does anyway; only on a TTY
+            self._live = progress.LOGGER, _ProgressHandler(self.terminal)
+            self._live[0].addHandler(self._live[1])
         read_end, write_end = os.pipe()
         os.dup2(write_end, 1)
         os.dup2(write_end, 2)
@@ -182,13 +269,16 @@ class Capture(contextlib.AbstractContextManager):
                 log.flush()
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 for text in self.view.feed(line, time.time()):
-                    os.write(self._terminal[0], (text + "\n").encode())
+                    self.terminal.line(text)
 
     def __exit__(self, *exc_info):
+        if self._live:
+            self._live[0].removeHandler(self._live[1])
         sys.stdout.flush()
         sys.stderr.flush()
         os.write(1, self._END)
         self._pump.join(timeout=30)  # it stops at _END, whoever else still holds the pipe
+        self.terminal.erase()
         os.dup2(self._terminal[0], 1)
         os.dup2(self._terminal[1], 2)
         for fd in self._terminal:

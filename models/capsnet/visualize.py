@@ -2,9 +2,10 @@
 
   real_and_recon.png   test digits (odd rows) above their reconstructions (even rows): the
                        decoder fed with the longest capsule only, as at inference.
-  manipulate-<d>.png   Figure 4 of the paper: one test image of digit d; each of the 16 dimensions
-                       of its predicted capsule (rows) shifted by -0.25, -0.20, ..., +0.25
-                       (columns, the unchanged capsule in the middle) and decoded.
+  manipulate-<d>.png   Figure 4 of the paper: a typical test image of digit d (`pick_examples`);
+                       each of the 16 dimensions of its predicted capsule (rows) shifted by
+                       -0.25, -0.20, ..., +0.25 (columns, the unchanged capsule in the middle)
+                       and decoded.
 
     python -m models.capsnet.visualize --model outputs/serving_model --out outputs/pictures
 
@@ -154,16 +155,27 @@ def save_png(picture: np.ndarray, path: str, scale: int = 1) -> str:
 # The pictures of a trained model
 # --------------------------------------------------------------------------------------------
 
-def pick_examples(labels: np.ndarray, predicted: np.ndarray, digits) -> dict:
-    """{digit: index of its first image that was predicted right (else its first image)}."""
-    labels, predicted = np.asarray(labels), np.asarray(predicted)
+def pick_examples(labels: np.ndarray, lengths: np.ndarray, digits) -> dict:
+    """{digit: index of a typical image of it}: of the digit's images that the model classifies
+    right (all of them if none), the one whose capsule of the digit is longest: the one the
+    model is surest of. (The first one classified right can be odd: test image 18, a 3 that
+    decodes as a 'b' in every row of Figure 4.)
+
+    labels [N] ints; lengths [N, n_class]: the lengths of the images' digit capsules.
+    """
+    labels, lengths = np.asarray(labels), np.asarray(lengths)
+    if lengths.ndim != 2 or len(lengths) != len(labels):
+        raise ValueError(f"lengths must be [N, n_class] for the N = {len(labels)} labels, got "
+                         f"shape {lengths.shape}")
+    predicted = np.argmax(lengths, axis=-1)
     picked = {}
     for digit in digits:
         indices = np.flatnonzero(labels == digit)
         if len(indices) == 0:
             raise ValueError(f"no image of digit {digit} among the {len(labels)} searched")
         right = indices[predicted[indices] == digit]
-        picked[digit] = int(right[0] if len(right) else indices[0])
+        candidates = right if len(right) else indices
+        picked[digit] = int(candidates[np.argmax(lengths[candidates, digit])])
     return picked
 
 
@@ -171,18 +183,18 @@ def write_pictures(model: keras.Model, images: np.ndarray, labels: np.ndarray, o
                    n: int = 50, digits=tuple(range(10)), scale: int = 2,
                    search: int = 200) -> dict:
     """Writes real_and_recon.png (the first n images) and manipulate-<d>.png for each digit,
-    from the first image of d among the first `search` that the model classifies right.
+    from a typical image of d among the first `search` (`pick_examples`).
 
     Returns {'real_and_recon': path, 'manipulate': {digit: path}, 'examples': {digit: index}}.
     """
     seen = max(n, search)
     capsules = digit_capsules(model, images[:seen])
-    predicted = np.argmax(np.sum(np.square(capsules), axis=-1), axis=-1)
-    recons = decode(model, capsules[:n], predicted[:n])
+    lengths = np.linalg.norm(capsules, axis=-1)  # [seen, n_class]
+    recons = decode(model, capsules[:n], np.argmax(lengths[:n], axis=-1))
     written = {"real_and_recon": save_png(real_and_reconstructed(images[:n], recons),
                                           os.path.join(out_dir, "real_and_recon.png"), scale),
                "manipulate": {},
-               "examples": pick_examples(labels[:seen], predicted, digits)}
+               "examples": pick_examples(labels[:seen], lengths, digits)}
     for digit, index in written["examples"].items():
         _, pictures = manipulate(model, images[index])
         written["manipulate"][digit] = save_png(

@@ -1,14 +1,23 @@
 """The compact terminal view of a local run (pipeline/console.py), on log lines as TFX, Keras and
-the Trainer write them, and the capture of file descriptors 1 and 2 in a real child process."""
+the Trainer write them, its live progress line on a terminal, and the capture of file descriptors
+1 and 2 in a real child process (on a pipe, and on a pseudo-terminal)."""
 
+import fcntl
+import io
 import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
+import threading
 import time
 
 import pytest
 
+from models import progress
 from pipeline import console
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -157,3 +166,99 @@ def test_capture_logs_every_write_to_fds_1_and_2_and_shows_the_view(tmp_path):
     assert written[:5] == ["MNIST source: test", "noise on stdout", "noise on stderr",
                            "C++ noise on fd 2", "noise from a child"]
     assert written[-1].startswith("5/5 - 1s") and len(written) == 8
+
+
+def test_progress_line_says_step_rate_and_time_left():
+    p = progress.estimate(epoch=15, epochs=50, step=120, steps=550, batch_size=100,
+                          steps_per_second=2.75, pause_seconds=0.0)
+    assert console.progress_line(p, T0 + 33) == (
+        # 430 steps left at 2.75/s; then 35 epochs of 550 steps
+        "01:06:12    epoch 15/50  step 120/550  275 img/s  epoch ETA 2 min 36 s  "
+        "Trainer ETA 1 h 59 min")
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream, expected", [
+    (FakeTTY(), "a\n\r\x1b[Kstep 1\r\x1b[Kstep 2\r\x1b[Kb\nc\n\r\x1b[Kstep 3\r\x1b[K"),
+    (io.StringIO(), "a\nb\nc\n")])  # not a TTY: the view's lines alone
+def test_the_live_line_is_redrawn_in_place_and_erased_before_the_next_line(stream, expected):
+    terminal = console.Terminal(stream)
+    terminal.line("a")
+    terminal.progress("step 1")
+    terminal.progress("step 2")
+    terminal.line("b")
+    terminal.line("c")
+    terminal.progress("step 3")
+    terminal.erase()
+    terminal.erase()  # nothing left to erase
+    assert stream.getvalue() == expected
+
+
+def on_a_tty(script, *args, columns):
+    """Runs `python -c script args` with stdout on a pseudo-terminal `columns` wide (stderr on a
+    pipe): what the terminal received, with its \\r\\n line ends as \\n."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.PIPE)
+    os.close(follower)
+    received = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child has closed the terminal
+                return
+            if not chunk:
+                return
+            received.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    _, stderr = proc.communicate(timeout=120)
+    reader.join(timeout=30)
+    os.close(leader)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    return b"".join(received).decode().replace("\r\n", "\n")
+
+
+def test_capture_on_a_tty_shows_the_trainers_progress_live_and_logs_none_of_it(
+        tmp_path, mnist_cache_dir):
+    """A real Keras fit with models.progress.ProgressLog inside a Capture on a pseudo-terminal:
+    live lines for every step but each epoch's first, cut to the terminal's width; what stays on
+    the screen is the view's lines alone; the log has Keras' lines and no progress."""
+    log = tmp_path / "logs" / "run.log"
+    script = textwrap.dedent("""
+        import logging, sys
+        import keras
+        from data import mnist
+        from models import progress
+        from pipeline import console
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        train = mnist.load(cache_dir=sys.argv[2], allow_network=False)[0]
+        x = train.x_train[:48].reshape(48, 784).astype("float32") / 255.0
+        with console.Capture(sys.argv[1], console.CompactView(batch_size=8)):
+            model = keras.Sequential([keras.Input((784,)),
+                                      keras.layers.Dense(10, activation="softmax")])
+            model.compile("sgd", "sparse_categorical_crossentropy")
+            model.fit(x, train.y_train[:48], batch_size=8, epochs=2, verbose=2,
+                      callbacks=[progress.ProgressLog(6, 2, 8, every_seconds=0)])
+    """)
+    shown = on_a_tty(script, str(log), mnist_cache_dir, columns=60)
+    lines = shown.split("\n")
+    live = [part for line in lines for part in line.split(console.Terminal.ERASE)[1:-1]]
+    steps = [re.match(r"\d\d:\d\d:\d\d    (epoch \d/2  step \d/6)  \d+ img/s  epoch ETA ",
+                      part) for part in live]
+    assert [m and m.group(1) for m in steps] == [
+        f"epoch {e}/2  step {s}/6" for e in (1, 2) for s in range(2, 7)]
+    assert all(len(part) == 59 for part in live)  # cut to 60 columns
+    screen = [line.split(console.Terminal.ERASE)[-1] for line in lines]
+    assert len(screen) == 3 and screen[2] == ""  # nothing left after the view's last line
+    assert "    epoch 1/2  loss " in screen[0] and "    epoch 2/2  loss " in screen[1]
+    written = log.read_text()
+    assert written.count("6/6 - ") == 2 and "models.progress" not in written

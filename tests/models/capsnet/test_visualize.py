@@ -1,5 +1,6 @@
 """models.capsnet.visualize on an untrained CapsNet: the pictures come from the model's decoder,
-the grids have the seed's layout, the PNGs their exact pixel sizes, and the CLI finds the model."""
+the grids have the seed's layout, the PNGs their exact pixel sizes, and the CLI finds the model;
+on the committed pretrained one: each digit's example is a typical image of it."""
 
 import os
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.capsnet import build_capsnet, visualize
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +128,35 @@ def test_cli_help_explains_every_flag(capsys):
     assert "default 50" in help_text and "default 2" in help_text
 
 
-def test_examples_are_the_first_right_ones():
-    labels = np.array([3, 8, 3, 8, 3])
-    predicted = np.array([5, 8, 3, 1, 3])
-    assert visualize.pick_examples(labels, predicted, [3, 8]) == {3: 2, 8: 1}
-    assert visualize.pick_examples(labels, np.zeros(5, int), [3]) == {3: 0}  # none right
+def test_an_example_is_the_longest_capsule_among_its_digits_classified_right():
+    labels = np.array([3, 8, 3, 8, 3, 3])
+    lengths = np.full((6, 10), 0.1)
+    lengths[[0, 0, 1, 2, 3, 4, 5], [3, 5, 8, 3, 8, 3, 3]] = [0.97, 0.99, 0.7, 0.6, 0.9, 0.95, 0.5]
+    # image 0, a 3 classified as a 5, has the longest 3-capsule: not a typical 3
+    assert visualize.pick_examples(labels, lengths, [3, 8]) == {3: 4, 8: 3}
+    wrong = lengths.copy()
+    wrong[:, 0] = 1.0  # every image classified as a 0: the longest 3-capsule of all the 3s
+    assert visualize.pick_examples(labels, wrong, [3]) == {3: 0}
     with pytest.raises(ValueError, match="no image of digit 7"):
-        visualize.pick_examples(labels, predicted, [7])
+        visualize.pick_examples(labels, lengths, [7])
+    with pytest.raises(ValueError, match=r"lengths must be \[N, n_class\] for the N = 6 labels, "
+                                         r"got shape \(5, 10\)"):
+        visualize.pick_examples(labels, lengths[:5], [3])
+
+
+def test_the_pretrained_models_examples_are_typical(mnist_arrays, tmp_path):
+    """With the committed model: each digit's example is of that digit, classified right, and
+    of those the one with the longest capsule (by the model's own lengths output), so for the 3
+    not test image 18, the first 3 classified right, which decodes as a 'b'."""
+    model = visualize.load_inference_model(os.path.join(REPO, "pretrained", "capsnet_mnist.keras"))
+    images, labels = mnist_arrays.x_test[:200], mnist_arrays.y_test[:200]
+    examples = visualize.write_pictures(model, images, labels, str(tmp_path), n=1,
+                                        scale=1, search=200)["examples"]
+    lengths = keras.ops.convert_to_numpy(
+        model(visualize.to_model_input(images), training=False)["lengths"])
+    right = np.argmax(lengths, axis=-1) == labels
+    assert sorted(examples) == list(range(10))
+    for digit, index in examples.items():
+        assert labels[index] == digit and right[index]
+        assert lengths[index, digit] == lengths[right & (labels == digit), digit].max()
+    assert examples[3] != 18 and right[18] and labels[18] == 3
