@@ -14,6 +14,8 @@ Modules:
   layers  squash, safe_length, PrimaryCaps, DigitCaps (+ dynamic_routing), Length, Mask
   losses  margin_loss, reconstruction_loss, RECON_WEIGHT
   model   build_capsnet -> (train_model, inference_model), compile_capsnet
+  recipe  the training recipe, defined once (no Keras)
+  schedule  the recipe's learning-rate schedule and weight averaging, as Adam's options
   train   the standalone trainer: `python -m models.capsnet.train` (any backend, no TFX)
 """
 

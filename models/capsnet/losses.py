@@ -1,14 +1,15 @@
 """CapsNet losses, per sample (Keras averages them over the batch).
 
-Total loss = margin_loss + RECON_WEIGHT * reconstruction_loss, as in the paper (0.0005 * SSE over
+Total loss = margin_loss + recon_weight * reconstruction_loss, as in the paper (0.0005 * SSE over
 784 pixels == 0.392 * per-pixel MSE) and XifengGuo/CapsNet-Keras. The official code's extra 0.5 and
-/10 on the margin loss (20x larger relative reconstruction weight) is NOT used.
+/10 on the margin loss (20x larger relative reconstruction weight) is NOT used. recon_weight is the
+recipe's (models/capsnet/recipe.py), RECON_WEIGHT = 0.392 by default.
 """
 
 import keras
 from keras import ops
 
-RECON_WEIGHT = 0.392  # = 0.0005 * 784: 0.0005 * sum of squared errors, expressed on per-pixel MSE
+from models.capsnet.recipe import RECON_WEIGHT  # noqa: F401 (the default weight, exported here)
 
 
 @keras.saving.register_keras_serializable(package="capsnet")
@@ -29,7 +30,7 @@ def margin_loss(y_true, y_pred, m_plus=0.9, m_minus=0.1, lam=0.5):
 def reconstruction_loss(y_true, y_pred):
     """Per-pixel mean squared error per sample: [B, 784] (or [B, H, W, C], same for both) -> [B].
 
-    Multiply by RECON_WEIGHT (compile_capsnet does it via loss_weights).
+    Multiply by the recipe's recon_weight (compile_capsnet does it via loss_weights).
     """
     y_pred = ops.cast(y_pred, "float32")
     y_true = ops.cast(y_true, "float32")

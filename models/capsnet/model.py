@@ -76,11 +76,12 @@ def build_capsnet(input_shape=(IMAGE_SIDE, IMAGE_SIDE, 1), n_class=10, routings=
     return train_model, inference_model
 
 
-def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None):
-    """Adam; margin loss on lengths + RECON_WEIGHT * per-pixel MSE on recon; accuracy on lengths.
+def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None, recon_weight=RECON_WEIGHT):
+    """Adam; margin loss on lengths + recon_weight * per-pixel MSE on recon; accuracy on lengths.
 
     optimizer: an Adam-equivalent optimizer to use instead of keras.optimizers.Adam(learning_rate)
-    (the Trainer passes a fused implementation of the same update on TensorFlow). A model built
+    (the Trainer passes a fused implementation of the same update on TensorFlow; both trainers
+    build theirs with models/capsnet/schedule.py's learning-rate schedule and EMA). A model built
     with the mixed_float16 policy gets dynamic loss scaling (LossScaleOptimizer), as float16
     gradients underflow without it; bfloat16 needs none.
 
@@ -94,7 +95,7 @@ def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None):
     train_model.compile(
         optimizer=optimizer,
         loss={LENGTHS: margin_loss, RECON: reconstruction_loss},
-        loss_weights={LENGTHS: 1.0, RECON: RECON_WEIGHT},
+        loss_weights={LENGTHS: 1.0, RECON: recon_weight},
         metrics={LENGTHS: [keras.metrics.CategoricalAccuracy(name="accuracy")]},
     )
 

@@ -11,8 +11,9 @@ any checkpoint it finds. Here:
   * a checkpoint that cannot be read is refused with the reason, removed, and training starts
     fresh; nothing else is lost;
   * the checkpoint is removed once training has finished (the caller exports the model).
-The learning-rate schedule is a function of the epoch index, so with `initial_epoch` epoch k
-gets the same rate whether or not the run was interrupted.
+The learning-rate schedule is a function of the optimizer's step count (models/capsnet/
+schedule.py), which the checkpoint holds, so epoch k gets the same rates whether or not the run
+was interrupted.
 
 Files go through `fs`, so the Trainer can keep checkpoints on gs:// (tf.io.gfile) while the
 standalone trainer uses the local disk; Keras writes .weights.h5 to either.

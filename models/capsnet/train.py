@@ -1,13 +1,23 @@
 """The CapsNet and its recipe, trained outside TFX: MNIST arrays straight from `data/`, any Keras
-backend (KERAS_BACKEND=tensorflow | jax | torch), the test error written after every epoch.
+backend (KERAS_BACKEND=tensorflow | jax | torch), the valid error written after every epoch, the
+test error once, at the end, when asked. The experiment tool: recipes are compared on the valid
+error; the test set is read only by --final-test.
 
-  python -m models.capsnet.train --output-dir runs/capsnet [--epochs 50] [--offline]
+  python -m models.capsnet.train --output-dir runs/capsnet [--epochs 50] [--seed 0] [--offline]
+      [--lr-schedule cosine --warmup-epochs 1] [--ema-momentum 0.999] [--final-test]
 
-The same model (`build_capsnet`, `compile_capsnet`: margin + 0.392 x reconstruction loss, Adam)
-and the same recipe (models/capsnet/recipe.py) as the pipeline's `full` preset: train on the official training images
-0-54,999 (the pipeline's `train` split), batch 100, Adam 1e-3 decayed x0.9 per epoch, random
-integer shifts of up to ±2 px with zero fill (training only), 3 routing iterations; after every
-epoch the error on the official 10,000 test images, classified by the longest capsule.
+The same model (`build_capsnet`, `compile_capsnet`: margin + recon_weight x reconstruction loss,
+Adam with the recipe's schedule and optional weight averaging, models/capsnet/schedule.py) and the
+same recipe (models/capsnet/recipe.py; its defaults are the pipeline's `seed` preset): train on
+the official training images 0-54,999 (the pipeline's `train` split), batch 100, Adam 1e-3
+decayed x0.9 per epoch, random integer shifts of up to ±2 px with zero fill (training only), 3
+routing iterations; after every epoch the error on the pipeline's `valid` split (the last 5,000
+official training images, never trained on; --valid-size 0 trains on all 60,000 and has no valid
+error), classified by the longest capsule. With --ema-momentum the valid error and the saved
+weights are those of the averaged weights.
+
+--seed seeds the weights, the shuffle order and the shifts; the order and the shifts of epoch e
+come from (seed, e) alone, so a resumed run trains on what an uninterrupted one trains on.
 
 --mixed-precision (default auto) chooses the compute dtype as the pipeline does, and, run as
 `python -m models.capsnet.train`, TensorFlow's CPU runtime with it before Keras loads TensorFlow
@@ -15,14 +25,19 @@ epoch the error on the official 10,000 test images, classified by the longest ca
 TensorFlow's own kernels elsewhere. Variables set in the environment win.
 
 Writes to --output-dir:
-  history.csv          one row per epoch: epoch, learning_rate, loss, lengths_loss, recon_loss,
-                       train_accuracy, test_errors, test_error, seconds
-  capsnet.weights.h5   the training model's weights after the latest epoch (load them into
-                       build_capsnet()[0]; the inference model shares every weight)
-  checkpoint/          weights, optimizer state and epoch after every epoch (models/capsnet/
-                       resume.py), removed at the end: running the same command again with the
-                       same --output-dir resumes at the next epoch; any other recipe, data
-                       selection, seed or model code starts fresh, and says so
+  history.csv          one row per epoch: epoch, learning_rate (of the epoch's last step, read
+                       from the optimizer), loss, lengths_loss, recon_loss, train_accuracy,
+                       valid_errors, valid_error (empty with --valid-size 0), seconds
+  capsnet.weights.h5   the training model's weights after the latest epoch, averaged with EMA
+                       (load them into build_capsnet()[0]; the inference model shares every
+                       weight)
+  final_test.json      with --final-test: the error on the official test images (as many as
+                       --data-fraction keeps) of the final weights
+  checkpoint/          weights, optimizer state (its step count: the schedule's position) and
+                       epoch after every epoch (models/capsnet/resume.py), removed at the end:
+                       running the same command again with the same --output-dir resumes at the
+                       next epoch; any other recipe (seed included), data selection or model code
+                       starts fresh, and says so
 """
 
 import argparse
@@ -57,14 +72,16 @@ from data import splits  # noqa: E402
 from models.capsnet import augment  # noqa: E402
 from models.capsnet.model import (  # noqa: E402
     IMAGE, LABEL, LENGTHS, RECON, build_capsnet, compile_capsnet)
-from models.capsnet.recipe import Recipe  # noqa: E402
+from models.capsnet.recipe import LR_SCHEDULE_CHOICES, Recipe  # noqa: E402
 from models.capsnet.resume import Resume  # noqa: E402
+from models.capsnet.schedule import averaged_weights, optimizer_options  # noqa: E402
 
 HISTORY_FILE = "history.csv"
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "capsnet.weights.h5"
+FINAL_TEST_FILE = "final_test.json"
 HISTORY_FIELDS = ("epoch", "learning_rate", "loss", "lengths_loss", "recon_loss",
-                  "train_accuracy", "test_errors", "test_error", "seconds")
+                  "train_accuracy", "valid_errors", "valid_error", "seconds")
 
 
 def random_shift(images, max_shift, rng):
@@ -80,24 +97,28 @@ def random_shift(images, max_shift, rng):
 
 class MnistBatches(keras.utils.PyDataset):
     """Shuffled, shifted batches of (uint8 images, labels) as the CapsNet training model's
-    ({'image', 'label'}, {'lengths', 'recon'}); reshuffled every epoch."""
+    ({'image', 'label'}, {'lengths', 'recon'}). Epoch e's order comes from (seed, e), the shifts
+    of its batch i from (seed, e, i): every batch is a function of (seed, epoch, index) alone,
+    whatever came before (a resumed run) and whenever Keras fetches it. `EpochDraw` tells it the
+    epoch."""
 
     def __init__(self, images, labels, batch_size, max_shift, seed, steps_per_epoch=None):
         super().__init__()
         self.images, self.labels = images, labels
-        self.batch_size, self.max_shift = batch_size, max_shift
-        self.rng = np.random.default_rng(seed)
+        self.batch_size, self.max_shift, self.seed = batch_size, max_shift, seed
         self.steps = steps_per_epoch or math.ceil(len(images) / batch_size)
         # Default: one pass, the last batch partial; fixed steps: as many shuffled passes as
         # they need, every batch full.
         self.passes = (1 if steps_per_epoch is None
                        else math.ceil(steps_per_epoch * batch_size / len(images)))
-        self._order()
+        self.draw(0)
 
-    def _order(self):
-        passes = self.passes
-        self.order = np.concatenate([self.rng.permutation(len(self.images))
-                                     for _ in range(passes)])
+    def draw(self, epoch):
+        """Sets the order of 0-based epoch `epoch`: `passes` permutations from (seed, epoch)."""
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        self.order = np.concatenate([rng.permutation(len(self.images))
+                                     for _ in range(self.passes)])
 
     def __len__(self):
         return self.steps
@@ -105,25 +126,43 @@ class MnistBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         images = random_shift(self.images[rows].astype("float32") / 255.0, self.max_shift,
-                              self.rng)
+                              np.random.default_rng([self.seed, self.epoch, index]))
         onehot = np.eye(10, dtype="float32")[self.labels[rows]]
         return ({IMAGE: images[..., None], LABEL: onehot},
                 {LENGTHS: onehot, RECON: images.reshape(len(rows), -1)})
 
-    def on_epoch_end(self):
-        self._order()
+
+class EpochDraw(keras.callbacks.Callback):
+    """Before every epoch, the batches draw that epoch's order (Keras numbers the epochs from
+    fit's initial_epoch, so a resumed run draws the epochs it trains)."""
+
+    def __init__(self, batches: MnistBatches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.draw(epoch)
+
+
+def count_errors(inference_model, images, labels, batch_size) -> int:
+    """How many of `images` (uint8 [n, 28, 28]) the longest capsule misclassifies."""
+    lengths = inference_model.predict(images[..., None].astype("float32") / 255.0,
+                                      batch_size=batch_size, verbose=0)[LENGTHS]
+    return int(np.sum(np.argmax(lengths, axis=-1) != labels))
 
 
 class EpochReport(keras.callbacks.Callback):
-    """After every epoch: test error of the longest capsule, a history.csv row, the weights."""
+    """After every epoch, with the averaged weights when the optimizer keeps them: the valid
+    error of the longest capsule (none without a valid split), the weights, a history.csv row
+    and a line on stdout."""
 
-    def __init__(self, inference_model, x_test, y_test, output_dir, batch_size):
+    def __init__(self, inference_model, valid, output_dir, batch_size, learning_rate):
+        """valid: (uint8 images [n, 28, 28], labels [n]) or None; learning_rate: the optimizer's
+        schedule (schedule.LearningRate)."""
         super().__init__()
-        self.inference_model = inference_model
-        self.x_test = x_test[..., None].astype("float32") / 255.0
-        self.y_test = y_test
-        self.output_dir = output_dir
-        self.batch_size = batch_size
+        self.inference_model, self.valid = inference_model, valid
+        self.output_dir, self.batch_size = output_dir, batch_size
+        self.learning_rate = learning_rate
         self.started = None
         self.rows = []
 
@@ -132,10 +171,12 @@ class EpochReport(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        lengths = self.inference_model.predict(self.x_test, batch_size=self.batch_size,
-                                               verbose=0)[LENGTHS]
-        errors = int(np.sum(np.argmax(lengths, axis=-1) != self.y_test))
-        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        with averaged_weights(self.model) as averaged:
+            errors = (None if self.valid is None else
+                      count_errors(self.inference_model, *self.valid, self.batch_size))
+            self.model.save_weights(os.path.join(self.output_dir, WEIGHTS_FILE))
+        last_step = self.model.optimizer.iterations - 1
+        learning_rate = float(keras.ops.convert_to_numpy(self.learning_rate(last_step)))
         row = {
             "epoch": epoch + 1,
             "learning_rate": float(f"{learning_rate:.6g}"),  # not float32's 0.0010000000474
@@ -143,8 +184,8 @@ class EpochReport(keras.callbacks.Callback):
             "lengths_loss": logs.get("lengths_loss"),
             "recon_loss": logs.get("recon_loss"),
             "train_accuracy": logs.get("lengths_accuracy"),
-            "test_errors": errors,
-            "test_error": errors / len(self.y_test),
+            "valid_errors": errors,
+            "valid_error": None if errors is None else errors / len(self.valid[1]),
             "seconds": round(time.time() - self.started, 1),
         }
         self.rows.append(row)
@@ -155,14 +196,16 @@ class EpochReport(keras.callbacks.Callback):
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        self.model.save_weights(os.path.join(self.output_dir, WEIGHTS_FILE))
+        valid = ("no valid split (--valid-size 0)" if errors is None else
+                 f"valid error {100 * row['valid_error']:.2f} % ({errors}/{len(self.valid[1])})"
+                 + (" of the averaged weights" if averaged else ""))
         print(f"epoch {row['epoch']}: loss {row['loss']:.5f}, train accuracy "
-              f"{row['train_accuracy']:.4f}, test error {100 * row['test_error']:.2f} % "
-              f"({errors}/{len(self.y_test)}), {row['seconds']} s", flush=True)
+              f"{row['train_accuracy']:.4f}, {valid}, learning rate {row['learning_rate']:.3g}, "
+              f"{row['seconds']} s", flush=True)
 
 
 def parse_args(argv):
-    """(args, recipe): the default Recipe (the pipeline's `full` preset) with the flags applied;
+    """(args, recipe): the default Recipe (the pipeline's `seed` preset) with the flags applied;
     args holds the data flags (--valid-size, --data-fraction, --steps-per-epoch) and the rest."""
     default = Recipe()
     p = argparse.ArgumentParser(
@@ -171,23 +214,44 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, help=f"default: {default.epochs}")
     p.add_argument("--batch-size", type=int, help=f"default: {default.batch_size}")
     p.add_argument("--learning-rate", type=float,
-                   help=f"Adam's initial learning rate (default: {default.learning_rate})")
+                   help="Adam's initial (exponential) or peak (cosine) learning rate "
+                        f"(default: {default.learning_rate})")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULE_CHOICES,
+                   help="exponential: x --lr-decay after every epoch; cosine: per step, linear "
+                        "warm-up from 0 over --warmup-epochs, then cosine decay to 0 at the end "
+                        f"(default: {default.lr_schedule})")
     p.add_argument("--lr-decay", type=float,
-                   help=f"learning rate x this after every epoch (default: {default.lr_decay})")
+                   help=f"learning rate x this after every epoch (exponential; default: "
+                        f"{default.lr_decay})")
+    p.add_argument("--warmup-epochs", type=float,
+                   help=f"the cosine schedule's warm-up (default: {default.warmup_epochs})")
+    p.add_argument("--ema-momentum", type=float,
+                   help="average the weights (Adam's use_ema) with this momentum, e.g. 0.999; the "
+                        "valid error and the saved weights are the averaged ones "
+                        f"(default: {default.ema_momentum}, off)")
+    p.add_argument("--recon-weight", type=float,
+                   help=f"weight of the reconstruction loss (default: {default.recon_weight})")
     p.add_argument("--max-shift", type=int,
                    help=f"random shift of the training images, ±px (default: {default.max_shift})")
     p.add_argument("--routings", type=int,
                    help=f"routing iterations (default: {default.routings})")
+    p.add_argument("--seed", type=int,
+                   help=f"seeds the weights, the shuffle order and the shifts (default: "
+                        f"{default.seed})")
     p.add_argument("--mixed-precision", choices=hardware.MIXED_PRECISION_CHOICES,
                    help=f"compute dtype, as local_runner.py (default: {default.mixed_precision})")
     p.add_argument("--valid-size", type=int, default=splits.DEFAULT_VALID_SIZE,
-                   help="last official training images held out, never trained on, as the "
-                        f"pipeline's valid split (default: {splits.DEFAULT_VALID_SIZE})")
+                   help="last official training images held out, never trained on, their error "
+                        "reported after every epoch, as the pipeline's valid split; 0: train on "
+                        f"all 60,000, no valid error (default: {splits.DEFAULT_VALID_SIZE})")
     p.add_argument("--data-fraction", type=float, default=1.0,
-                   help="keep the first fraction of the train and test splits (default: 1)")
+                   help="keep the first fraction of the train, valid and test splits (default: 1)")
     p.add_argument("--steps-per-epoch", type=int,
                    help="training batches per epoch (default: one pass over the train split)")
-    p.add_argument("--seed", type=int, default=0, help="weights, shuffling and shifts")
+    p.add_argument("--final-test", action="store_true",
+                   help=f"after training, the error on the official test images, written to "
+                        f"{FINAL_TEST_FILE} and the printed summary (default: off; the test set "
+                        f"is read only then)")
     p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
     p.add_argument("--data-cache-dir", help="MNIST cache, as local_runner.py --data-cache-dir")
     p.add_argument("--offline", action="store_true",
@@ -198,20 +262,32 @@ def parse_args(argv):
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
              if getattr(args, f.name, None) is not None}
     try:
-        splits.split_ranges(args.valid_size, args.data_fraction)
+        data_rows(args.valid_size, args.data_fraction)
         recipe = dataclasses.replace(default, **flags)
     except ValueError as e:
         p.error(str(e))
     return args, recipe
 
 
+def data_rows(valid_size: int, data_fraction: float) -> dict:
+    """The pipeline's splits (data/splits.py) or, with valid_size 0, all 60,000 official
+    training images for training and no valid split: {'train', 'test': SplitRange,
+    'valid': SplitRange | None}. Raises ValueError on out-of-range arguments."""
+    if valid_size != 0:
+        return splits.split_ranges(valid_size, data_fraction)
+    rows = splits.split_ranges(splits.DEFAULT_VALID_SIZE, data_fraction)
+    n_train = splits.OFFICIAL_SIZES["train"]  # the first rows, as split_ranges keeps them
+    return {**rows, "valid": None,
+            "train": splits.SplitRange("train", 0, max(1, round(data_fraction * n_train)))}
+
+
 def run_fingerprint(args, config: Recipe) -> str:
-    """SHA-256 of what a run trains: the recipe, the data selection, the seed and the model code
-    (models/capsnet/*.py); a checkpoint of another fingerprint is never resumed."""
+    """SHA-256 of what a run trains: the recipe (its seed included), the data selection and the
+    model code (models/capsnet/*.py); a checkpoint of another fingerprint is never resumed."""
     digest = hashlib.sha256(json.dumps(
         {"recipe": config.to_custom_config(), "valid_size": args.valid_size,
-         "data_fraction": args.data_fraction, "steps_per_epoch": args.steps_per_epoch,
-         "seed": args.seed}, sort_keys=True).encode())
+         "data_fraction": args.data_fraction, "steps_per_epoch": args.steps_per_epoch},
+        sort_keys=True).encode())
     package = os.path.dirname(os.path.abspath(__file__))
     for name in sorted(f for f in os.listdir(package) if f.endswith(".py")):
         with open(os.path.join(package, name), "rb") as f:
@@ -219,10 +295,20 @@ def run_fingerprint(args, config: Recipe) -> str:
     return digest.hexdigest()
 
 
-def train(args, config: Recipe) -> dict:
-    """Trains the recipe on args' data selection and tests after every epoch.
+def rows_of(mnist, split_range):
+    """(images, labels) of a SplitRange of the official arrays."""
+    images, labels = ((mnist.x_train, mnist.y_train) if split_range.source == "train"
+                      else (mnist.x_test, mnist.y_test))
+    return images[split_range.start:split_range.stop], labels[split_range.start:split_range.stop]
 
-    Returns {'test_error': the last epoch's, 'history': one dict per epoch (HISTORY_FIELDS)}."""
+
+def train(args, config: Recipe) -> dict:
+    """Trains the recipe on args' data selection, the valid error after every epoch, the test
+    error at the end with args.final_test.
+
+    Returns {'valid_error': the last epoch's (None without a valid split), 'history': one dict
+    per epoch trained by this call (HISTORY_FIELDS), 'compute': hardware.describe's, and with
+    args.final_test 'final_test': {'test_errors', 'test_images', 'test_error'}}."""
     os.makedirs(args.output_dir, exist_ok=True)
     mnist, source = mnist_data.load(args.data_path, args.data_cache_dir,
                                     allow_network=not args.offline)
@@ -230,43 +316,50 @@ def train(args, config: Recipe) -> dict:
     compute = hardware.describe(policy)
     print(f"MNIST source: {source}; Keras {keras.__version__}, backend "
           f"{keras.backend.backend()}; {hardware.format_description(compute)}", flush=True)
-    rows = splits.split_ranges(args.valid_size, args.data_fraction)
-    train_rows, test_rows = rows["train"], rows["test"]
-    x_train = mnist.x_train[train_rows.start:train_rows.stop]
-    y_train = mnist.y_train[train_rows.start:train_rows.stop]
-    x_test = mnist.x_test[test_rows.start:test_rows.stop]
-    y_test = mnist.y_test[test_rows.start:test_rows.stop]
+    rows = data_rows(args.valid_size, args.data_fraction)
+    x_train, y_train = rows_of(mnist, rows["train"])
+    valid = None if rows["valid"] is None else rows_of(mnist, rows["valid"])
 
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(config.seed)
     train_model, inference_model = build_capsnet(routings=config.routings, dtype_policy=policy)
-    compile_capsnet(train_model, learning_rate=config.learning_rate)
-    batches = MnistBatches(x_train, y_train, config.batch_size, config.max_shift, args.seed,
+    batches = MnistBatches(x_train, y_train, config.batch_size, config.max_shift, config.seed,
                            args.steps_per_epoch)
-    report = EpochReport(inference_model, x_test, y_test, args.output_dir, config.batch_size)
+    options = optimizer_options(config, len(batches))
+    compile_capsnet(train_model, optimizer=keras.optimizers.Adam(**options),
+                    recon_weight=config.recon_weight)
+    report = EpochReport(inference_model, valid, args.output_dir, config.batch_size,
+                         options["learning_rate"])
     resume = Resume(os.path.join(args.output_dir, CHECKPOINT_DIR), run_fingerprint(args, config),
                     config.epochs)
     initial_epoch, resumed = resume.restore(train_model)
     print(resumed, flush=True)
+    # shuffle=False: the batches shuffle themselves, from (seed, epoch); Keras' own shuffle of
+    # the batch order would follow Python's global random state, which a resumed run lacks.
     train_model.fit(
-        batches, epochs=config.epochs, initial_epoch=initial_epoch, verbose=2,
-        callbacks=[
-            keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.LearningRateScheduler(config.learning_rate_at),
-            report,
-            resume,
-        ])
+        batches, epochs=config.epochs, initial_epoch=initial_epoch, verbose=2, shuffle=False,
+        callbacks=[EpochDraw(batches), keras.callbacks.TerminateOnNaN(), report, resume])
     if initial_epoch + len(report.rows) < config.epochs:
         raise RuntimeError(f"training stopped after {initial_epoch + len(report.rows)} of "
                            f"{config.epochs} epochs (non-finite loss?)")
     resume.remove()
-    return {"test_error": report.rows[-1]["test_error"], "history": report.rows,
-            "compute": compute}
+    result = {"valid_error": report.rows[-1]["valid_error"], "history": report.rows,
+              "compute": compute}
+    if args.final_test:  # fit() has left the final (with EMA: averaged) weights in the model
+        x_test, y_test = rows_of(mnist, rows["test"])
+        errors = count_errors(inference_model, x_test, y_test, config.batch_size)
+        result["final_test"] = {"test_errors": errors, "test_images": len(y_test),
+                                "test_error": errors / len(y_test)}
+        with open(os.path.join(args.output_dir, FINAL_TEST_FILE), "w") as f:
+            json.dump({**result["final_test"], "epochs": config.epochs,
+                       "recipe": config.to_custom_config()}, f, indent=1)
+    return result
 
 
 def main(argv=None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     result = train(args, config)
-    print(json.dumps({"test_error": result["test_error"], "epochs": len(result["history"]),
+    print(json.dumps({"valid_error": result["valid_error"], "epochs": len(result["history"]),
+                      **result.get("final_test", {}),
                       "output_dir": os.path.abspath(args.output_dir), **result["compute"]}),
           flush=True)
     return 0

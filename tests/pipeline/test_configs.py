@@ -30,13 +30,24 @@ def test_bad_split_arguments_are_refused(valid_size, fraction):
         splits.split_ranges(valid_size, fraction)
 
 
-def test_full_preset_is_the_seed_recipe():
-    full = configs.PRESETS["full"]
-    recipe = full.recipe
-    assert (recipe.epochs, recipe.batch_size, recipe.learning_rate, recipe.lr_decay,
-            recipe.max_shift, full.data_fraction, recipe.routings) == (50, 100, 1e-3, 0.9, 2, 1.0, 3)
-    assert full.train_steps_per_epoch() == 550
-    assert full.max_test_error == 0.004
+def test_seed_preset_is_the_seed_recipe_and_full_is_it_for_now():
+    seed = configs.PRESETS["seed"]
+    recipe = seed.recipe
+    assert (recipe.epochs, recipe.batch_size, recipe.learning_rate, recipe.lr_schedule,
+            recipe.lr_decay, recipe.max_shift, seed.data_fraction, recipe.routings,
+            recipe.recon_weight, recipe.ema_momentum) == (50, 100, 1e-3, "exponential", 0.9, 2,
+                                                          1.0, 3, 0.392, 0.0)
+    assert seed.train_steps_per_epoch() == 550
+    assert seed.max_test_error == 0.004
+    assert configs.PRESETS["full"] == seed
+
+
+def test_fast_preset_is_ten_cosine_epochs():
+    fast = configs.PRESETS["fast"]
+    assert (fast.recipe.epochs, fast.recipe.lr_schedule, fast.recipe.warmup_epochs,
+            fast.recipe.learning_rate) == (10, "cosine", 1.0, 2e-3)
+    assert fast.recipe.learning_rate_at(1, 0, 550) == pytest.approx(2e-3)  # after the warm-up
+    assert fast.split_sizes() == configs.PRESETS["seed"].split_sizes()
 
 
 def test_smoke_preset_is_small():
@@ -58,6 +69,7 @@ def test_preset_overrides_and_refusals():
 
 def test_runner_defaults_paths_under_output_dir(tmp_path):
     args, config = local_runner.parse_args(["--output-dir", str(tmp_path), "--epochs", "2"])
+    assert args.preset == "smoke" and config.recipe.seed == 0
     assert args.pipeline_root == str(tmp_path / "pipeline_root")
     assert args.metadata_path == str(tmp_path / "metadata.sqlite")
     assert args.serving_dir == str(tmp_path / "serving_model")
@@ -68,8 +80,16 @@ def test_runner_help_explains_every_flag():
     out = subprocess.run([sys.executable, "local_runner.py", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for flag in ["--pipeline-root", "--serving-dir", "--preset", "--epochs", "--steps-per-epoch",
-                 "--batch-size", "--data-fraction", "--data-path", "--max-test-error"]:
+                 "--batch-size", "--data-fraction", "--data-path", "--max-test-error", "--seed"]:
         assert flag in out
+    for name in configs.PRESETS:
+        assert f"'{name}'" in out
+
+
+def test_runner_presets_and_seed():
+    for name in configs.PRESETS:
+        _, config = local_runner.parse_args(["--preset", name, "--seed", "7"])
+        assert config == configs.preset(name, seed=7) and config.recipe.seed == 7
 
 
 def test_runner_refuses_bad_flags_with_usage_error():
