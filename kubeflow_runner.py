@@ -11,7 +11,11 @@ Targets (--target):
   kubeflow  open-source KFP 2.x: no latest-blessed-model Resolver (a Vertex-only feature), so the
             Evaluator blesses on the test-error bar alone; GPUs requested as `nvidia.com/gpu`.
   vertex    Vertex AI Pipelines: with the Resolver (no regression against the last blessed
-            model); GPUs requested by Vertex accelerator name.
+            model); GPUs requested by Vertex accelerator name. With --trainer-workers N > 1 the
+            Trainer runs as a Vertex AI training job of N replicas.
+
+Beam (--beam-runner): 'local' runs the Beam-based steps inside their pods on Beam's FnApiRunner;
+'dataflow' runs each of them as a Dataflow job whose workers run --image.
 
 Through the TFX CLI (it runs this file with no arguments; pass flags in $CAPSNET_KFP_ARGS):
   CAPSNET_KFP_ARGS="--image gcr.io/P/capsnet-tfx:v1 --pipeline-root gs://B/root ..." \\
@@ -40,6 +44,9 @@ PIPELINE_YAML = "pipeline.yaml"
 # Kubernetes extended resource for the Trainer's GPUs on open-source KFP (the KFP driver puts the
 # accelerator type verbatim into the pod's resource limits); Vertex names accelerator models.
 DEFAULT_ACCELERATOR = {"kubeflow": "nvidia.com/gpu", "vertex": "NVIDIA_TESLA_T4"}
+# Vertex machine of each Trainer replica when training on several (takes up to 4 T4s).
+DEFAULT_MACHINE_TYPE = "n1-standard-8"
+BEAM_RUNNERS = ("local", "dataflow")
 # KFP v2 refuses other pipeline names (tfx/orchestration/kubeflow/v2/pipeline_builder.py).
 _KFP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
 
@@ -77,11 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator",
                    help="accelerator type of the GPU request. Default: 'nvidia.com/gpu' for "
                         "kubeflow (a Kubernetes resource name), 'NVIDIA_TESLA_T4' for vertex")
-    p.add_argument("--beam-args", default=" ".join(configs.LOCAL_BEAM_ARGS),
-                   help="Beam pipeline options of the Beam-based steps, as one string after "
-                        "'=' (--beam-args='...'); a Dataflow or Flink runner scales them out "
-                        "(README). Default: the DirectRunner in the pod, "
-                        f"'{' '.join(configs.LOCAL_BEAM_ARGS)}'")
+    p.add_argument("--trainer-workers", type=int, default=1, metavar="N",
+                   help="Trainer replicas. N > 1 needs --target vertex (open-source KFP has no "
+                        "multi-worker Trainer in TFX), --project and --region: the Trainer step "
+                        "then submits a Vertex AI training job of a chief and N-1 workers, each "
+                        "a --machine-type with --gpus x --accelerator, running --image. "
+                        "Default: 1 (trains in its own step)")
+    p.add_argument("--machine-type",
+                   help="Vertex machine type of each Trainer replica (--trainer-workers > 1 "
+                        f"only). Default: {DEFAULT_MACHINE_TYPE}")
+    p.add_argument("--beam-runner", choices=BEAM_RUNNERS, default="local",
+                   help="where the Beam-based steps (ExampleGen, StatisticsGen, Transform, "
+                        "Evaluator) run: 'local' (Beam's FnApiRunner inside their pods) or "
+                        "'dataflow' (a Dataflow job per step, its workers running --image; needs "
+                        "--project, --region, --temp-location). Default: local")
+    p.add_argument("--project", help="Google Cloud project of the Dataflow jobs and the Vertex "
+                                     "training job (no default)")
+    p.add_argument("--region", help="Google Cloud region of the Dataflow jobs and the Vertex "
+                                    "training job, e.g. europe-west4 (no default)")
+    p.add_argument("--temp-location",
+                   help="gs:// directory for Dataflow's temporary and staging files "
+                        "(--beam-runner dataflow; no default)")
+    p.add_argument("--beam-args",
+                   help="Beam pipeline options, as one string after '=' (--beam-args='...'). "
+                        "With --beam-runner local they replace the default "
+                        f"'{' '.join(configs.LOCAL_BEAM_ARGS)}'; with dataflow they are added "
+                        "after the Dataflow options (e.g. '--max_num_workers=20'). Default: none")
     p.add_argument("--pipeline-name", default=configs.PIPELINE_NAME.replace("_", "-"),
                    help="KFP pipeline name, [a-z0-9][a-z0-9-]* (default: %(default)s)")
     p.add_argument("--output-dir", default=os.path.join(configs.default_output_dir(), "kubeflow"),
@@ -123,10 +151,12 @@ def parse_args(argv):
     except ValueError as e:
         p.error(str(e))
     args.accelerator = args.accelerator or DEFAULT_ACCELERATOR[args.target]
-    args.beam_args = shlex.split(args.beam_args)
+    args.beam_args = shlex.split(args.beam_args or "")
     problems = _problems(args)
     if problems:
         p.error("; ".join(problems))
+    args.beam_args = beam_pipeline_args(args)
+    args.machine_type = args.machine_type or DEFAULT_MACHINE_TYPE
     return args, config
 
 
@@ -145,6 +175,7 @@ def _problems(args) -> list:
         problems.append("--image is empty")
     if not os.path.isabs(args.image_project_dir):
         problems.append(f"--image-project-dir must be absolute, got {args.image_project_dir!r}")
+    problems += _scale_out_problems(args)
     if args.warm_start and args.target != "vertex":
         problems.append("--warm-start needs the latest-blessed-model Resolver, which only "
                         "--target vertex compiles")
@@ -162,6 +193,89 @@ def _problems(args) -> list:
         if placeholders:
             problems.append(f"--submit with placeholder values: set {', '.join(placeholders)}")
     return problems
+
+
+def _scale_out_problems(args) -> list:
+    """What is wrong with the flags that put Beam on Dataflow or the Trainer on several
+    machines, as messages."""
+    problems = []
+    vertex_job = args.trainer_workers > 1
+    dataflow = args.beam_runner == "dataflow"
+    if args.trainer_workers < 1:
+        problems.append(f"--trainer-workers must be >= 1, got {args.trainer_workers}")
+    if vertex_job and args.target != "vertex":
+        problems.append(
+            "--trainer-workers > 1 needs --target vertex: TFX 1.16 trains on several machines "
+            "only as a Vertex AI training job (tfx.extensions.google_cloud_ai_platform.Trainer); "
+            "it has no Kubeflow TFJob/Training Operator integration, and a KFP step is one pod")
+    if args.machine_type and not vertex_job:
+        problems.append("--machine-type is only used with --trainer-workers > 1")
+    if args.temp_location and not dataflow:
+        problems.append("--temp-location is only used with --beam-runner dataflow")
+    # (with the wrong target, the target is the one thing to fix for the Trainer)
+    needs = [what for what, used in (("--beam-runner dataflow", dataflow),
+                                     ("--trainer-workers > 1",
+                                      vertex_job and args.target == "vertex")) if used]
+    for flag in ("project", "region"):
+        if needs and not getattr(args, flag):
+            problems.append(f"{' and '.join(needs)} needs --{flag}")
+        if not (dataflow or vertex_job) and getattr(args, flag):
+            problems.append(f"--{flag} is only used with --beam-runner dataflow or "
+                            "--trainer-workers > 1")
+    if dataflow:
+        if not args.temp_location:
+            problems.append("--beam-runner dataflow needs --temp-location (a gs:// directory)")
+        elif not args.temp_location.startswith("gs://"):
+            problems.append(f"--temp-location must be a gs:// directory for Dataflow, "
+                            f"got {args.temp_location!r}")
+        runners = [a for a in args.beam_args if a.startswith("--runner")]
+        if runners:
+            problems.append(f"--beam-args {runners} conflicts with --beam-runner dataflow")
+    return problems
+
+
+def beam_pipeline_args(args) -> list:
+    """The Beam options of every Beam-based step: the local named runner (or --beam-args in its
+    place), or Dataflow's followed by --beam-args.
+
+    Dataflow runs each step's Beam pipeline as a job; its workers start --image (the pipeline
+    image, which holds Beam's worker boot files and the project's code that the DoFns need).
+    """
+    from pipeline import configs
+
+    if args.beam_runner == "local":
+        return args.beam_args or list(configs.LOCAL_BEAM_ARGS)
+    return ["--runner=DataflowRunner", f"--project={args.project}", f"--region={args.region}",
+            f"--temp_location={args.temp_location}", f"--sdk_container_image={args.image}",
+            *args.beam_args]
+
+
+def vertex_training(args):
+    """The Trainer's custom_config entries that make it a Vertex AI training job of
+    --trainer-workers replicas (pipeline.create_pipeline's vertex_training), or None for one.
+
+    The CustomJob has two worker pools: pool 0 is the chief (1 replica), pool 1 the other
+    workers; Vertex sets TF_CONFIG in each replica and TFX runs the same run_fn in all of them.
+    Every replica is a --machine-type with --gpus x --accelerator running --image.
+    """
+    if args.trainer_workers == 1:
+        return None
+    from tfx import v1 as tfx
+
+    cloud = tfx.extensions.google_cloud_ai_platform
+    machine = {"machine_type": args.machine_type}
+    if args.gpus:
+        machine.update(accelerator_type=args.accelerator, accelerator_count=args.gpus)
+
+    def pool(replicas):
+        return {"machine_spec": machine, "replica_count": replicas,
+                "container_spec": {"image_uri": args.image}}
+
+    return {cloud.ENABLE_VERTEX_KEY: True,
+            cloud.VERTEX_REGION_KEY: args.region,
+            cloud.TRAINING_ARGS_KEY: {
+                "project": args.project,
+                "job_spec": {"worker_pool_specs": [pool(1), pool(args.trainer_workers - 1)]}}}
 
 
 def storage_notes(args) -> list:
@@ -210,7 +324,10 @@ def compile_pipeline(args, config) -> tuple:
         compare_to_baseline=args.target == "vertex",
         warm_start=args.warm_start,
         enable_cache=not args.no_cache,
-        trainer_platform_config=trainer_resources(args.gpus, args.accelerator),
+        # With a Vertex training job the GPUs go to its replicas, not to the step submitting it.
+        trainer_platform_config=(None if args.trainer_workers > 1
+                                 else trainer_resources(args.gpus, args.accelerator)),
+        vertex_training=vertex_training(args),
         schema_path=os.path.join(args.image_project_dir, pipeline_module.SCHEMA_RELPATH))
 
     runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
@@ -275,7 +392,8 @@ def main(argv=None) -> int:
     started = time.time()
     json_path, yaml_path = compile_pipeline(args, config)
     print(f"Compiled {args.pipeline_name} (target {args.target}, preset {args.preset}, "
-          f"image {args.image}, {args.gpus} x {args.accelerator} for the Trainer) "
+          f"image {args.image}, Beam {args.beam_runner}, {args.trainer_workers} Trainer "
+          f"replica(s) with {args.gpus} x {args.accelerator} each) "
           f"in {time.time() - started:.0f} s:\n  {yaml_path}\n  {json_path}", flush=True)
     if args.submit:
         ids = submit(yaml_path, args)

@@ -1,5 +1,5 @@
-"""Runs the CapsNet MNIST pipeline on this machine: LocalDagRunner, SQLite ML Metadata, Beam
-DirectRunner. `python local_runner.py --help` lists every flag; `make run ARGS=...` passes flags.
+"""Runs the CapsNet MNIST pipeline on this machine: LocalDagRunner, SQLite ML Metadata, Beam's
+FnApiRunner. `python local_runner.py --help` lists every flag; `make run ARGS=...` passes flags.
 
 Outputs (under --output-dir unless set one by one):
   pipeline root   <output-dir>/pipeline_root/<Component>/<output>/<execution id>/
@@ -24,8 +24,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smoke", choices=sorted(configs.PRESETS),
-                   help="named recipe: 'smoke' (~3.5k examples, 40 steps, minutes; not blessed) "
-                        "or 'full' (the seed's 50-epoch recipe on all images). Default: smoke")
+                   help="named recipe (pipeline/configs.py): 'smoke' (~3.5k examples, 40 steps, "
+                        "minutes; not blessed), 'seed' (the seed project's 50-epoch recipe on all "
+                        "images), 'fast' (10 epochs, cosine schedule; provisional) or 'full' (the "
+                        "product's; for now the seed's). Default: smoke")
     p.add_argument("--output-dir", default=configs.default_output_dir(),
                    help="base dir for pipeline root, metadata and pushed models "
                         "(default: $CAPSNET_OUTPUT_DIR or ./outputs)")
@@ -43,8 +45,12 @@ def parse_args(argv):
     p.add_argument("--data-fraction", type=float,
                    help="keep the first fraction of every split, in (0, 1] (preset; smoke: 0.05)")
     p.add_argument("--learning-rate", type=float,
-                   help=f"Adam's initial learning rate, decayed x{defaults.lr_decay} per epoch "
-                        f"(default {defaults.learning_rate})")
+                   help="Adam's initial (exponential schedule) or peak (cosine) learning rate "
+                        f"(preset; seed: {defaults.learning_rate}, decayed x{defaults.lr_decay} "
+                        "per epoch)")
+    p.add_argument("--seed", type=int,
+                   help="seeds the Trainer's initial weights, shuffle order and shifts "
+                        f"(preset; default {defaults.seed})")
     p.add_argument("--max-test-error", type=float,
                    help=f"blessing bar on the test split (default {configs.MAX_TEST_ERROR})")
     p.add_argument("--data-path",
@@ -79,14 +85,31 @@ def parse_args(argv):
                    help="split the CPU into N logical devices so that the Trainer's "
                         "MirroredStrategy trains N replicas on it (CPU-only machines; slower "
                         "than 1 on 2 cores: for checking distributed training). Default: off")
+    p.add_argument("--beam-workers", type=int, default=1, metavar="N",
+                   help="run ExampleGen, StatisticsGen, Transform and Evaluator on Beam's "
+                        "FnApiRunner with N SDK worker processes (the Fn API harness Dataflow "
+                        "and Flink run; slower than 1 on 2 cores: for checking the Beam code "
+                        "out of process). Default: 1 (in-process)")
+    p.add_argument("--trainer-workers", type=int, default=1, metavar="N",
+                   help="run the Trainer as N worker processes on 127.0.0.1 "
+                        "(MultiWorkerMirroredStrategy, TFX's run_executor entry point with one "
+                        "TF_CONFIG each, as Vertex runs a multi-worker Trainer; slower than 1 on "
+                        "2 cores: for checking multi-worker training). Default: 1 (in-process)")
     args = p.parse_args(argv)
+    if args.trainer_workers < 1:
+        p.error(f"--trainer-workers must be >= 1, got {args.trainer_workers}")
+    if args.trainer_workers > 1 and args.cpu_replicas:
+        p.error("--cpu-replicas splits this process's CPU for an in-process Trainer; it does "
+                "not combine with --trainer-workers > 1")
     if args.cpu_replicas is not None and args.cpu_replicas < 1:
         p.error(f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
+    if args.beam_workers < 1:
+        p.error(f"--beam-workers must be >= 1, got {args.beam_workers}")
     try:
         config = configs.preset(args.preset, epochs=args.epochs,
                                 steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                                 data_fraction=args.data_fraction,
-                                learning_rate=args.learning_rate,
+                                learning_rate=args.learning_rate, seed=args.seed,
                                 max_test_error=args.max_test_error,
                                 mixed_precision=args.mixed_precision,
                                 serving_precision=args.serving_precision)
@@ -121,6 +144,10 @@ def main(argv=None) -> int:
     from pipeline import tf_runtime      # their settings act
 
     hardware.apply_tf_env(config.recipe.mixed_precision)
+    if args.beam_workers > 1:  # Beam's SDK worker processes import the project's DoFns by name
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                          os.environ.get("PYTHONPATH")]))
     if args.cpu_replicas:
         tf_runtime.configure_cpu_replicas(args.cpu_replicas)
     from data import mnist
@@ -161,7 +188,7 @@ def run(args, config, npz_path: str):
 
     from models.capsnet import hardware
     from pipeline import configs, console, run_lock, summary
-    from pipeline.pipeline import create_pipeline
+    from pipeline.pipeline import create_pipeline, local_beam_args
 
     absl_logging.set_verbosity(absl_logging.INFO)
     print("Compute: " + hardware.format_description(hardware.describe(
@@ -177,9 +204,10 @@ def run(args, config, npz_path: str):
                 serving_dir=args.serving_dir,
                 config=config,
                 metadata_connection_config=metadata,
-                beam_pipeline_args=configs.LOCAL_BEAM_ARGS,
+                beam_pipeline_args=local_beam_args(args.beam_workers),
                 compare_to_baseline=not args.no_baseline,
                 warm_start=args.warm_start,
+                trainer_workers=args.trainer_workers,
                 enable_cache=not args.no_cache))
     except run_lock.Busy as e:
         return str(e)

@@ -2,9 +2,9 @@
 
   python -m bench.train_throughput --mode train [--steps 10] [--warmup 3] [--batch 100]
       The Trainer's training step: `models.trainer.build_models` (the same MirroredStrategy, model,
-      losses and Adam as run_fn) fed by `models.trainer.make_dataset` (tfxio parsing of transformed
-      tf.Examples, ±max_shift px random shifts, batching, prefetch) through Keras `fit`, with the
-      Trainer's NaN guard. The transformed examples are the first --examples MNIST training images
+      losses and Adam as run_fn) fed by `models.trainer.train_batches` (tfxio parsing of
+      transformed tf.Examples, shuffling, batching, ±max_shift px random shifts, prefetch) through
+      the Trainer's loop (`models.trainer.train`), with the Trainer's NaN guard. The transformed examples are the first --examples MNIST training images
       written as Transform writes them (gzipped TFRecords, image_xf float [28,28,1], label_xf).
   python -m bench.train_throughput --mode input
       The same dataset, iterated alone: the input pipeline's ceiling.
@@ -165,9 +165,10 @@ def transformed_schema():
     """, schema_pb2.Schema())
 
 
-def trainer_dataset(args, mnist, work_dir, train=True):
-    """models.trainer.make_dataset over transformed examples of the first --examples images, read
-    through tfxio exactly as the Trainer's DataAccessor does."""
+def trainer_dataset(args, mnist, work_dir):
+    """The Trainer's first epoch of training batches (models.trainer.read_examples,
+    train_batches) over transformed examples of the first --examples images, read through tfxio
+    exactly as the Trainer's DataAccessor does."""
     import types
     from tfx_bsl.public import tfxio
     from models import trainer
@@ -177,8 +178,9 @@ def trainer_dataset(args, mnist, work_dir, train=True):
     accessor = types.SimpleNamespace(
         tf_dataset_factory=lambda pattern, options, schema:
             tfxio.TFExampleRecord(pattern, schema=schema).TensorFlowDataset(options))
-    return trainer.make_dataset(path, accessor, transformed_schema(), args.batch, train=train,
-                                max_shift=args.max_shift)
+    examples = trainer.read_examples(path, accessor, transformed_schema())
+    return trainer.train_batches(examples, args.batch, args.warmup + args.steps, args.max_shift,
+                                 seed=0, epoch=0)
 
 
 class Clock:
@@ -228,7 +230,7 @@ def bench_train(args, mnist, work_dir):
     dataset = trainer_dataset(args, mnist, work_dir)
     config = Recipe(epochs=1, batch_size=args.batch, max_shift=args.max_shift,
                     routings=args.routings, mixed_precision=args.mixed_precision)
-    strategy, train_model, _ = trainer.build_models(config)
+    strategy, train_model, _ = trainer.build_models(config, args.warmup + args.steps)
 
     class StepTimer(keras.callbacks.Callback):
         def __init__(self):
@@ -240,8 +242,9 @@ def bench_train(args, mnist, work_dir):
             self.clock.mark()
 
     timer = StepTimer()
-    train_model.fit(dataset, epochs=1, steps_per_epoch=args.warmup + args.steps, verbose=0,
-                    callbacks=[trainer.StopOnNonFiniteLoss(), timer])
+    trainer.train(strategy, train_model, lambda epoch: dataset, dataset.take(1), epochs=1,
+                  initial_epoch=0, steps_per_epoch=args.warmup + args.steps, verbose=0,
+                  callbacks=[trainer.StopOnNonFiniteLoss(), timer])
     result = timer.clock.summary(args.batch, first=args.warmup - 1)
     result.update(replicas=strategy.num_replicas_in_sync,
                   compute_dtype=train_model.get_layer(DIGIT_CAPS).compute_dtype,

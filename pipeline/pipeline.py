@@ -13,17 +13,34 @@ from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 
-from components import atomic_pusher
+from components import atomic_pusher, multi_worker_trainer
 from components.anomalies_gate import AnomaliesGate
 from components.mnist_example_gen import MnistExampleGen
 from pipeline import evaluation
-from pipeline.configs import RunConfig
+from pipeline.configs import LOCAL_BEAM_ARGS, LOCAL_BEAM_RUNNER, RunConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEMA_RELPATH = "pipeline/schema.pbtxt"  # in the project, here and in the pipeline image
 SCHEMA_FILE = str(REPO_ROOT / SCHEMA_RELPATH)
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.trainer.run_fn"
+
+
+def local_beam_args(workers: int = 1) -> list:
+    """Beam options of the Beam-based components on one machine: Beam's FnApiRunner, named.
+
+    1: in-process (configs.LOCAL_BEAM_ARGS). N > 1: N SDK worker processes
+    (`python -m apache_beam.runners.worker.sdk_worker_main`, started and stopped by the runner
+    for each Beam pipeline) that the runner drives over gRPC on loopback: the worker harness and
+    Fn API protocol that Dataflow Runner v2 and the portable Flink runner use. The workers import
+    the project's DoFns by name, so the project must be on their PYTHONPATH.
+    """
+    if workers < 1:
+        raise ValueError(f"Beam workers must be >= 1, got {workers}")
+    if workers == 1:
+        return list(LOCAL_BEAM_ARGS)
+    return [f"--runner={LOCAL_BEAM_RUNNER}", "--direct_running_mode=multi_processing",
+            f"--direct_num_workers={workers}"]
 
 
 def code_fingerprint(*packages: str) -> str:
@@ -53,6 +70,8 @@ def create_pipeline(
     trainer_platform_config: Optional[message.Message] = None,
     schema_path: str = SCHEMA_FILE,
     warm_start: bool = False,
+    vertex_training: Optional[dict] = None,
+    trainer_workers: int = 1,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline.
 
@@ -74,6 +93,13 @@ def create_pipeline(
         default; kubeflow_runner.py passes its path inside the pipeline image.
       warm_start: give the Trainer the latest blessed model as its base_model, to continue
         from its weights (needs the Resolver, as compare_to_baseline does).
+      vertex_training: None: the Trainer trains in its own step. Else the custom_config entries
+        (ENABLE_VERTEX_KEY, VERTEX_REGION_KEY, TRAINING_ARGS_KEY: a Vertex AI CustomJob) that make
+        it the Vertex training Trainer: its step submits that job, every replica of which runs
+        the same run_fn (kubeflow_runner.py builds them for --trainer-workers).
+      trainer_workers: N > 1: the Trainer trains as N worker processes on this machine
+        (components/multi_worker_trainer.py: TFX's run_executor entry point, one TF_CONFIG each,
+        as Vertex runs it); 1: in the Trainer's own process.
     """
     example_gen = MnistExampleGen(input_base=data_root, valid_size=config.valid_size,
                                   data_fraction=config.data_fraction)
@@ -102,7 +128,14 @@ def create_pipeline(
             model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
         ).with_id("latest_blessed_model_resolver")
     warm = {"base_model": resolver.outputs["model"]} if warm_start else {}
-    trainer = tfx.components.Trainer(
+    trainer_class = (tfx.extensions.google_cloud_ai_platform.Trainer if vertex_training
+                     else tfx.components.Trainer)
+    if trainer_workers > 1 and vertex_training:
+        raise ValueError("trainer_workers is for local runs; on Vertex the CustomJob's worker "
+                         "pools set the workers")
+    local_workers = ({"custom_executor_spec": executor_spec.ExecutorClassSpec(
+        multi_worker_trainer.Executor)} if trainer_workers > 1 else {})
+    trainer = trainer_class(
         run_fn=RUN_FN,
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
@@ -110,11 +143,15 @@ def create_pipeline(
             splits=["train"], num_steps=config.recipe.epochs * config.train_steps_per_epoch()),
         eval_args=tfx.proto.EvalArgs(splits=["valid"]),  # all of it, every epoch
         **warm,
+        **local_workers,
         custom_config={**config.recipe.to_custom_config(),
                        "code_fingerprint": code_fingerprint("models"),
                        # Checkpoints a re-run of the same inputs resumes from (models/trainer.py):
                        # under the pipeline root, whatever the run's or execution's id.
-                       "resume_root": f"{pipeline_root.rstrip('/')}/Trainer/resume"})
+                       "resume_root": f"{pipeline_root.rstrip('/')}/Trainer/resume",
+                       **(vertex_training or {}),
+                       **({multi_worker_trainer.WORKERS_KEY: trainer_workers}
+                          if trainer_workers > 1 else {})})
     if trainer_platform_config is not None:
         trainer.with_platform_config(trainer_platform_config)
 

@@ -96,10 +96,19 @@ class RunSummary:
             if self.trained_with else "Trained with: not recorded",
             *([f"Training: {self.trained_with['start']}"] if "start" in self.trained_with
               else []),
+            *([f"Workers: {workers_line(self.trained_with)}"] if "workers" in self.trained_with
+              else []),
             *([self.training_time.format()] if self.training_time else []),
             f"TensorBoard logs: {self.tensorboard_uri}",
             f"Served from cache: {', '.join(self.cached_nodes) or 'nothing'}",
         ])
+
+
+def workers_line(trained_with: dict) -> str:
+    """'2 worker processes, 2 replicas in sync' from the model's training record."""
+    workers, replicas = trained_with["workers"], trained_with.get("replicas", "?")
+    return (f"{workers} worker process{'es' if workers != 1 else ''}, "
+            f"{replicas} replica{'s' if replicas != 1 else ''} in sync")
 
 
 @dataclasses.dataclass(frozen=True)

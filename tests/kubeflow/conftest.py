@@ -16,6 +16,9 @@ import kubeflow_runner
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE = "registry.example.com/capsnet-tfx:test"
 BUCKET = "gs://test-bucket/capsnet"
+DATAFLOW_FLAGS = ("--beam-runner", "dataflow", "--project", "test-project",
+                  "--region", "europe-west4", "--temp-location", f"{BUCKET}/beam-tmp")
+# What DATAFLOW_FLAGS must compile to on every Beam-based step.
 DATAFLOW_ARGS = ("--runner=DataflowRunner --project=test-project --region=europe-west4 "
                  f"--temp_location={BUCKET}/beam-tmp --sdk_container_image={IMAGE}")
 
@@ -118,14 +121,14 @@ def tfx_cli_create(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def kfp_compiled(tmp_path_factory, tfx_cli_create) -> Compiled:
-    """The open-source Kubeflow variant, full preset, 2 GPUs, Dataflow Beam args.
+    """The open-source Kubeflow variant, full preset, 2 GPUs, Beam on Dataflow.
 
     Requests tfx_cli_create so that the CLI's subprocess overlaps this process's TFX import.
     """
     return compile_kfp(
         tmp_path_factory.mktemp("kfp"), "--image", IMAGE, "--pipeline-root", f"{BUCKET}/root",
         "--data-root", f"{BUCKET}/mnist", "--serving-dir", f"{BUCKET}/serving", "--gpus", "2",
-        f"--beam-args={DATAFLOW_ARGS}")
+        *DATAFLOW_FLAGS)
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,8 @@ def test_trainer_runs_the_project_code_by_name_with_the_preset(kfp_compiled):
 
 
 def test_beam_args_reach_every_step(kfp_compiled):
+    # --beam-runner dataflow: each Beam-based step becomes a Dataflow job whose workers run the
+    # pipeline image (--sdk_container_image); the flags compile to the same options everywhere.
     expected = DATAFLOW_ARGS.split()
     for label, executor in kfp_compiled.executors.items():
         assert executor["container"]["args"][-len(expected):] == expected, label
@@ -188,3 +190,33 @@ def test_no_gpus_means_no_resource_request_and_caching_follows_the_flag(tmp_path
     compiled = compile_kfp(tmp_path, "--gpus", "0", "--no-cache", "--image", IMAGE)
     assert "resources" not in compiled.executor("Trainer")
     assert not [name for name, task in compiled.tasks.items() if "cachingOptions" in task]
+
+
+def test_vertex_trainer_workers_compile_a_vertex_training_job_of_a_chief_and_workers(tmp_path):
+    """--trainer-workers 3 on Vertex: the Trainer step runs TFX's Vertex training executor, which
+    submits a CustomJob: pool 0 one chief, pool 1 two workers, each replica the pipeline image on
+    the machine and accelerators asked for; the step itself requests no GPU. The recipe still
+    reads back from the same custom_config, and Beam stays on the local named runner."""
+    compiled = compile_kfp(
+        tmp_path, "--target", "vertex", "--image", IMAGE, "--trainer-workers", "3",
+        "--project", "test-project", "--region", "europe-west4", "--machine-type",
+        "n1-standard-16", "--gpus", "2", "--accelerator", "NVIDIA_L4")
+    container = compiled.executor("Trainer")
+    assert container["args"][:2] == [
+        "--executor_class_path", "tfx.extensions.google_cloud_ai_platform.trainer.executor."
+        "GenericExecutor"]
+    assert "resources" not in container
+    custom_config = json.loads(compiled.parameter("Trainer", "custom_config"))
+    assert custom_config["ai_platform_enable_vertex"] is True
+    assert custom_config["ai_platform_vertex_region"] == "europe-west4"
+    training = custom_config["ai_platform_training_args"]
+    assert training["project"] == "test-project"
+    replica = {"machine_spec": {"machine_type": "n1-standard-16", "accelerator_type": "NVIDIA_L4",
+                                "accelerator_count": 2},
+               "container_spec": {"image_uri": IMAGE}}
+    assert training["job_spec"]["worker_pool_specs"] == [{**replica, "replica_count": 1},
+                                                         {**replica, "replica_count": 2}]
+    assert Recipe.from_custom_config(custom_config) == configs.PRESETS["full"].recipe
+    assert compiled.parameter("Trainer", "run_fn") == pipeline_module.RUN_FN
+    for task in ("MnistExampleGen", "StatisticsGen", "Transform", "Evaluator"):
+        assert compiled.executor(task)["args"][-3:] == list(configs.LOCAL_BEAM_ARGS), task

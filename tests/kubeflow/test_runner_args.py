@@ -7,7 +7,7 @@ import pytest
 
 import kubeflow_runner
 from pipeline import configs
-from tests.kubeflow.conftest import parse_flags
+from tests.kubeflow.conftest import DATAFLOW_FLAGS, parse_flags
 
 READY = ["--image", "gcr.io/p/capsnet-tfx:v1", "--pipeline-root", "gs://b/root",
          "--data-root", "gs://b/mnist", "--serving-dir", "gs://b/serving"]
@@ -17,6 +17,8 @@ def test_defaults_target_open_source_kubeflow_with_one_gpu():
     args, config = parse_flags()
     assert (args.target, args.gpus, args.accelerator) == ("kubeflow", 1, "nvidia.com/gpu")
     assert args.beam_args == list(configs.LOCAL_BEAM_ARGS)
+    assert args.beam_args[0] == "--runner=FnApiRunner"  # named: never Beam's Prism download
+    assert (args.beam_runner, args.trainer_workers) == ("local", 1)
     assert args.pipeline_name == "capsnet-mnist"
     assert args.image == kubeflow_runner.PLACEHOLDER_IMAGE
     assert args.image_project_dir == "/pipeline"
@@ -38,6 +40,16 @@ def test_preset_and_beam_args():
     assert args.beam_args == ["--runner=FlinkRunner", "--flink_master=flink:8081"]
 
 
+def test_dataflow_options_name_the_pipeline_image_and_take_extra_beam_args_after_them():
+    args, _ = parse_flags("--image", "gcr.io/p/capsnet-tfx:v1", *DATAFLOW_FLAGS,
+                          "--beam-args=--max_num_workers=20 --machine_type=n2-standard-4")
+    assert args.beam_args == [
+        "--runner=DataflowRunner", "--project=test-project", "--region=europe-west4",
+        "--temp_location=gs://test-bucket/capsnet/beam-tmp",
+        "--sdk_container_image=gcr.io/p/capsnet-tfx:v1",
+        "--max_num_workers=20", "--machine_type=n2-standard-4"]
+
+
 def test_flags_from_the_environment_come_first_and_argv_overrides_them(monkeypatch):
     monkeypatch.setenv(kubeflow_runner.ARGS_ENV, "--image env/image:1 --gpus 4 --preset smoke")
     args, config = kubeflow_runner.parse_args(["--gpus", "2"])
@@ -57,6 +69,25 @@ def test_flags_from_the_environment_come_first_and_argv_overrides_them(monkeypat
      "placeholder values: set --image, --data-root, --serving-dir"),
     (["--preset", "huge"], "invalid choice"),
     (["--warm-start"], "--warm-start needs the latest-blessed-model Resolver"),
+    (["--trainer-workers", "2"], "--trainer-workers > 1 needs --target vertex: TFX 1.16 trains "
+                                 "on several machines only as a Vertex AI training job"),
+    (["--trainer-workers", "2"], "no Kubeflow TFJob/Training Operator integration"),
+    (["--trainer-workers", "0"], "--trainer-workers must be >= 1, got 0"),
+    (["--target", "vertex", "--trainer-workers", "2"], "--trainer-workers > 1 needs --project"),
+    (["--target", "vertex", "--trainer-workers", "2", "--project", "p"],
+     "--trainer-workers > 1 needs --region"),
+    (["--machine-type", "n1-standard-4"], "--machine-type is only used with --trainer-workers"),
+    (["--beam-runner", "dataflow", "--region", "r", "--temp-location", "gs://b/t"],
+     "--beam-runner dataflow needs --project"),
+    (["--beam-runner", "dataflow", "--project", "p", "--region", "r"],
+     "--beam-runner dataflow needs --temp-location"),
+    (["--beam-runner", "dataflow", "--project", "p", "--region", "r", "--temp-location",
+      "/tmp/beam"], "--temp-location must be a gs:// directory for Dataflow, got '/tmp/beam'"),
+    ([*DATAFLOW_FLAGS, "--beam-args=--runner=FlinkRunner"],
+     "--beam-args ['--runner=FlinkRunner'] conflicts with --beam-runner dataflow"),
+    (["--project", "p"], "--project is only used with --beam-runner dataflow or"),
+    (["--temp-location", "gs://b/t"], "--temp-location is only used with --beam-runner dataflow"),
+    (["--beam-runner", "spark"], "invalid choice"),
 ])
 def test_bad_command_lines_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

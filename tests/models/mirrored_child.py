@@ -1,6 +1,6 @@
 """Child process for tests/models/test_mirrored.py: trains the real CapsNet a few steps through
-the Trainer's own code (models.trainer.build_models: MirroredStrategy, model, losses, optimizer)
-on N logical CPU devices, and prints one JSON line.
+the Trainer's own code (models.trainer.build_models: MirroredStrategy, model, losses, optimizer;
+models.trainer.train: its training loop) on N logical CPU devices, and prints one JSON line.
 
   python tests/models/mirrored_child.py --replicas N --mnist-cache DIR --weights W.weights.h5
       --out RESULT.npz
@@ -53,17 +53,18 @@ def main():
     # float32: the replicas' losses are compared with the single device's at rtol 1e-4.
     config = Recipe(epochs=1, batch_size=args.batch, lr_decay=1.0, max_shift=0,
                     mixed_precision="none")
-    strategy, train_model, _ = trainer.build_models(config)
+    strategy, train_model, _ = trainer.build_models(config, args.steps)
     train_model.load_weights(args.weights)
 
     losses = []
 
     class Record(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            losses.append(float(logs["loss"]))  # Keras' running mean over the epoch so far
+            losses.append(float(logs["loss"]))  # the running mean over the epoch so far
 
-    train_model.fit(dataset, epochs=1, steps_per_epoch=args.steps, shuffle=False, verbose=0,
-                    callbacks=[trainer.StopOnNonFiniteLoss(), Record()])
+    trainer.train(strategy, train_model, lambda epoch: dataset, dataset.take(1), epochs=1,
+                  initial_epoch=0, steps_per_epoch=args.steps,
+                  callbacks=[trainer.StopOnNonFiniteLoss(), Record()])
     np.savez(args.out, *[w for w in train_model.get_weights()])
     print("RESULT " + json.dumps({
         "replicas": strategy.num_replicas_in_sync,

@@ -3,46 +3,23 @@
 devices, set up before TensorFlow starts, in a child process) as with 1, for the same global
 batch and the same initial weights. Also: local_runner.py's --cpu-replicas flag."""
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 
 import local_runner
 from models.capsnet import build_capsnet
-from tests.conftest import REPO
-
-CHILD = os.path.join(REPO, "tests", "models", "mirrored_child.py")
-
-
-def start_child(tmp_path, mnist_cache_dir, replicas):
-    out = tmp_path / f"weights_after_{replicas}.npz"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(
-        [sys.executable, CHILD, "--replicas", str(replicas), "--mnist-cache", mnist_cache_dir,
-         "--weights", str(tmp_path / "initial.weights.h5"), "--out", str(out)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, out
-
-
-def finish_child(proc, out):
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
-    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
-    weights = np.load(out)
-    return json.loads(line[len("RESULT "):]), [weights[k] for k in weights.files]
+from tests.models import children
 
 
 def test_two_cpu_replicas_train_like_one(tmp_path, mnist_cache_dir):
     keras.utils.set_random_seed(3)
     train_model, _ = build_capsnet()
     train_model.save_weights(str(tmp_path / "initial.weights.h5"))
-    children = [start_child(tmp_path, mnist_cache_dir, n) for n in (1, 2)]  # concurrently
-    (one, w_one), (two, w_two) = [finish_child(*child) for child in children]
+    started = [children.start("mirrored_child.py", tmp_path, mnist_cache_dir,
+                              f"weights_after_{n}.npz", "--replicas", str(n))
+               for n in (1, 2)]  # concurrently
+    (one, w_one, _), (two, w_two, _) = [children.finish(*child) for child in started]
 
     assert one["replicas"] == 1
     assert two["replicas"] == 2

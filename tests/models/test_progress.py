@@ -1,13 +1,14 @@
-"""models/progress.py: the estimate's arithmetic, and the callback in a real Keras fit (a softmax
-classifier on real MNIST images: the callback reads only Keras' hooks, not the model)."""
+"""models/progress.py: the estimate's arithmetic, and the callback in a real Keras fit and in the
+Trainer's own loop (models.trainer.train), on a softmax classifier and real MNIST images: the
+callback reads only Keras' hooks, not the model."""
 
 import logging
 
 import keras
-import numpy as np
 import pytest
+import tensorflow as tf
 
-from models import progress
+from models import progress, trainer
 
 
 def test_estimate_extrapolates_the_rate_and_the_pause_between_epochs():
@@ -36,9 +37,10 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-def fit_with(callback, mnist_arrays, initial_epoch):
-    """6 steps of 8 real MNIST images per epoch, epochs initial_epoch+1 .. 3: (the records of
-    a handler on progress.LOGGER, those of a handler on the root logger, as a log file's)."""
+def fit_with(callback, mnist_arrays, initial_epoch, loop="fit"):
+    """6 steps of 8 real MNIST images per epoch, epochs initial_epoch+1 .. 3, by Keras' `fit` or
+    the Trainer's `train` (loop): (the records of a handler on progress.LOGGER, those of a handler
+    on the root logger, as a log file's)."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10, activation="softmax")])
     model.compile("sgd", "sparse_categorical_crossentropy")
@@ -47,18 +49,25 @@ def fit_with(callback, mnist_arrays, initial_epoch):
     progress.LOGGER.addHandler(shown)
     logging.getLogger().addHandler(logged)
     try:
-        model.fit(x, mnist_arrays.y_train[:48], batch_size=8, epochs=3,
-                  initial_epoch=initial_epoch, verbose=0, callbacks=[callback])
+        if loop == "fit":
+            model.fit(x, mnist_arrays.y_train[:48], batch_size=8, epochs=3,
+                      initial_epoch=initial_epoch, verbose=0, callbacks=[callback])
+        else:
+            batches = tf.data.Dataset.from_tensor_slices((x, mnist_arrays.y_train[:48])).batch(8)
+            trainer.train(tf.distribute.get_strategy(), model, lambda epoch: batches,
+                          batches.take(1), epochs=3, initial_epoch=initial_epoch,
+                          steps_per_epoch=6, callbacks=[callback], verbose=0)
     finally:
         progress.LOGGER.removeHandler(shown)
         logging.getLogger().removeHandler(logged)
     return shown.records, logged.records
 
 
+@pytest.mark.parametrize("loop", ["fit", "train"])
 def test_every_step_after_the_first_of_each_epoch_is_logged_to_its_own_logger_only(
-        mnist_arrays):
+        mnist_arrays, loop):
     records, logged = fit_with(progress.ProgressLog(6, 3, 8, every_seconds=0), mnist_arrays,
-                               initial_epoch=1)  # a resumed run: epochs 2 and 3 of 3
+                               initial_epoch=1, loop=loop)  # a resumed run: epochs 2 and 3
     shown = [r.progress for r in records]
     assert [(p.epoch, p.epochs, p.step, p.steps) for p in shown] == [
         (epoch, 3, step, 6) for epoch in (2, 3) for step in range(2, 7)]
