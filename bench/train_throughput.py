@@ -31,6 +31,10 @@ machine is shared and timings swing: compare runs taken alternately, and quote m
 
 Flags that must act before TensorFlow starts (the script imports TF only after parsing them):
   --cpu-replicas N   N logical CPU devices, so MirroredStrategy trains N replicas on the CPU
+  --workers N        train: N processes of this script on 127.0.0.1, one TF_CONFIG each
+                     (components/multi_worker_trainer.py's cluster), training under
+                     MultiWorkerMirroredStrategy as the Trainer does with --trainer-workers N;
+                     --batch stays the global batch; the line printed is worker 0's (the chief)
   --tf-defaults      TensorFlow's default CPU runtime, instead of the one
                      models.capsnet.hardware chooses for --mixed-precision on this CPU (what
                      local_runner.py runs with); see docs/results.md
@@ -79,6 +83,8 @@ def parse_args(argv):
                                    "untrained model with a tf.Transform graph to a temp dir)")
     p.add_argument("--cpu-replicas", type=int, default=0,
                    help="split the CPU into N logical devices before TF starts (default: off)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="train: N worker processes under MultiWorkerMirroredStrategy (default: 1)")
     p.add_argument("--tf-defaults", action="store_true",
                    help="TensorFlow's default CPU runtime (default: the one local_runner.py "
                         "chooses, models.capsnet.hardware.apply_tf_env)")
@@ -92,6 +98,10 @@ def parse_args(argv):
         p.error("--max-shift must be in [0, 14)")
     if args.cpu_replicas < 0:
         p.error("--cpu-replicas must be >= 0")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    if args.workers > 1 and args.mode != "train":
+        p.error("--workers is for --mode train")
     if args.model and args.mode != "serve":
         p.error("--model is for --mode serve")
     if (args.chunks is not None or args.forward_only) and args.mode != "digitcaps":
@@ -222,15 +232,34 @@ def time_steps(step, args):
 
 # --------------------------------------------------------------------------------------- modes
 
+def run_workers(argv, workers):
+    """Runs this script as `workers` processes in one cluster on 127.0.0.1 (TF_CONFIG each,
+    as the Trainer's local workers get theirs) and returns worker 0's JSON line."""
+    import subprocess
+    from components.multi_worker_trainer import cluster_configs, free_ports
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.train_throughput", *argv],
+                              env={**os.environ, "TF_CONFIG": config},
+                              stdout=subprocess.PIPE, text=True)
+             for config in cluster_configs(free_ports(workers))]
+    outputs = [proc.communicate()[0] for proc in procs]
+    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
+    if failed:
+        raise RuntimeError(f"bench.train_throughput --workers {workers}: worker(s) {failed} "
+                           f"failed (their stderr is above)")
+    return outputs[0].strip().splitlines()[-1]
+
+
 def bench_train(args, mnist, work_dir):
     import keras
     from models import trainer
     from models.capsnet.model import DIGIT_CAPS
 
+    cluster = trainer.tf_config()
+    strategy = trainer.make_strategy(cluster)  # first: multi-worker collectives need it
     dataset = trainer_dataset(args, mnist, work_dir)
     config = Recipe(epochs=1, batch_size=args.batch, max_shift=args.max_shift,
                     routings=args.routings, mixed_precision=args.mixed_precision)
-    strategy, train_model, _ = trainer.build_models(config, args.warmup + args.steps)
+    _, train_model, _ = trainer.build_models(config, args.warmup + args.steps, strategy)
 
     class StepTimer(keras.callbacks.Callback):
         def __init__(self):
@@ -246,7 +275,7 @@ def bench_train(args, mnist, work_dir):
                   initial_epoch=0, steps_per_epoch=args.warmup + args.steps, verbose=0,
                   callbacks=[trainer.StopOnNonFiniteLoss(), timer])
     result = timer.clock.summary(args.batch, first=args.warmup - 1)
-    result.update(replicas=strategy.num_replicas_in_sync,
+    result.update(workers=trainer.cluster_size(cluster), replicas=strategy.num_replicas_in_sync,
                   compute_dtype=train_model.get_layer(DIGIT_CAPS).compute_dtype,
                   loss_first=round(timer.losses[0], 5), loss_last=round(timer.losses[-1], 5))
     return result, capsnet_flops_per_image(args.routings)["train"]
@@ -407,8 +436,12 @@ def bench_serve(args, mnist, work_dir):
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.workers > 1 and "TF_CONFIG" not in os.environ:
+        print(run_workers(argv, args.workers), flush=True)
+        return 0
     from models.capsnet import hardware  # before TensorFlow loads
     from pipeline import tf_runtime
 

@@ -33,6 +33,7 @@ WORKERS_KEY = "trainer_workers"
 GENERIC_EXECUTOR = "tfx.components.trainer.executor.GenericExecutor"
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAIL_CHARS = 6000
+_STDOUT_LOCK = threading.Lock()  # the relays' lines never interleave
 # A run_fn message as absl writes it in a worker: "I1202 19:46:12.739953 1402 trainer.py:395] ..."
 _TRAINER_MESSAGE = re.compile(r"^I\d{4} [\d:.]+ +\d+ \S+:\d+\] (Trainer: .*)$")  # of a failed worker's output, in the error
 
@@ -135,7 +136,9 @@ class Relay(threading.Thread):
 
     def run(self):
         for line in self.stream:
-            print(f"{self.prefix}{line.rstrip()}", flush=True)
+            with _STDOUT_LOCK:  # one write a line: unbuffered, print writes the newline apart
+                sys.stdout.write(f"{self.prefix}{line.rstrip()}\n")
+                sys.stdout.flush()
             if not self.prefix and (message := _TRAINER_MESSAGE.match(line)):
                 logging.info("%s", message.group(1))
             self.lines.append(line)

@@ -38,18 +38,22 @@ def test_train_mode_one_step(capsys, mnist_cache_dir):
                  "--examples", "64", "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "train" and result["batch"] == 16
     auto = hardware.describe(hardware.compute_policy("auto"))
-    assert result["replicas"] == 1 and result["compute_dtype"] == auto["compute_dtype"]
+    assert result["workers"] == result["replicas"] == 1
+    assert result["compute_dtype"] == auto["compute_dtype"]
     assert {k: result[k] for k in auto} == auto  # the CPU, its bf16, the runtime, the dtype
     assert result["flops_per_image"] == train_throughput.capsnet_flops_per_image()["train"]
     assert result["gflop_per_s"] > 0
     assert 0.5 < result["loss_first"] < 1.5 and math.isfinite(result["loss_last"])
 
 
-def test_train_mode_takes_the_compute_dtype_flag(capsys, mnist_cache_dir):
+def test_train_mode_on_two_workers_with_the_compute_dtype_flag(capsys, mnist_cache_dir):
+    """Two processes of the script on 127.0.0.1, MultiWorkerMirroredStrategy; the chief's line."""
     result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch", "4",
                  "--examples", "16", "--mixed-precision", "none", "--routings", "1",
-                 "--data-cache-dir", mnist_cache_dir)
+                 "--workers", "2", "--data-cache-dir", mnist_cache_dir)
+    assert result["workers"] == 2 and result["replicas"] == 2 and result["batch"] == 4
     assert result["compute_dtype"] == "float32"
+    assert 0.5 < result["loss_first"] < 1.5
 
 
 def test_input_mode_one_step(capsys, mnist_cache_dir):
@@ -95,7 +99,8 @@ def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cach
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"], ["--batch", "0"],
-                                  ["--mode", "train", "--model", "x"], ["--max-shift", "14"]])
+                                  ["--mode", "train", "--model", "x"], ["--max-shift", "14"],
+                                  ["--workers", "0"], ["--mode", "serve", "--workers", "2"]])
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as exc:
         train_throughput.parse_args(argv)

@@ -156,3 +156,26 @@ def test_each_local_worker_gets_its_task_in_one_cluster_on_free_ports():
     with pytest.raises(ValueError, match=r"custom_config\['trainer_workers'\] must be an "
                                          r"integer >= 1, got 0"):
         multi_worker_trainer.workers_of({"custom_config": json.dumps({"trainer_workers": 0})})
+
+
+def test_the_workers_lines_reach_stdout_whole_and_in_order(tmp_path, monkeypatch):
+    """Two relays at once (as every worker prints `Epoch k/n` at the same moment) into an
+    unbuffered stdout (PYTHONUNBUFFERED, as the tests run the runner): each line is written
+    whole, the chief's as it is, worker 1's after its prefix; the tail keeps the last lines
+    within TAIL_CHARS."""
+    import io
+    from components import multi_worker_trainer
+    path = tmp_path / "stdout"
+    with open(path, "wb", buffering=0) as raw:
+        monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, write_through=True))
+        lines = [f"Epoch {i}/2000\n" for i in range(2000)]
+        relays = [multi_worker_trainer.Relay(io.StringIO("".join(lines)), prefix)
+                  for prefix in ("", "worker 1: ")]
+        for relay in relays:
+            relay.join()
+    out = path.read_text().splitlines()
+    assert [l for l in out if not l.startswith("worker 1: ")] == [l.rstrip() for l in lines]
+    assert [l for l in out if l.startswith("worker 1: ")] == [f"worker 1: {l.rstrip()}"
+                                                            for l in lines]
+    tail = relays[1].tail()
+    assert tail.endswith("Epoch 1999/2000\n") and len(tail) <= multi_worker_trainer.TAIL_CHARS
