@@ -8,7 +8,9 @@ One scenario: a run warm-started from the fixture's blessed model; worker 1 is k
 once epoch 2 of 3 starts, which fails the run naming it; the same command again resumes both
 workers at epoch 2 from the chief's checkpoint, exports one model (the chief's), which the
 Evaluator evaluates. The run blesses nothing (bar 0), so the
-`runs` fixture's blessed model stays the latest for the tests that follow it.
+`runs` fixture's blessed model stays the latest for the tests that follow it. (It lives in
+tests/pipeline, after tests/notebooks: the notebooks' module reuses the fixture's runs only while
+nothing has run after them, and makes a run of its own otherwise.)
 """
 
 import json
