@@ -4,8 +4,9 @@
       The Trainer's training step: `models.trainer.build_models` (the same MirroredStrategy, model,
       losses and Adam as run_fn) fed by `models.trainer.train_batches` (tfxio parsing of
       transformed tf.Examples, shuffling, batching, ±max_shift px random shifts, prefetch) through
-      the Trainer's loop (`models.trainer.train`), with the Trainer's NaN guard. The transformed examples are the first --examples MNIST training images
-      written as Transform writes them (gzipped TFRecords, image_xf float [28,28,1], label_xf).
+      the Trainer's loop (`models.trainer.train`), with the Trainer's NaN guard. The transformed
+      examples are the first --examples MNIST training images written as Transform writes them
+      (gzipped TFRecords, image_xf float [28,28,1], label_xf).
   python -m bench.train_throughput --mode input
       The same dataset, iterated alone: the input pipeline's ceiling.
   python -m bench.train_throughput --mode digitcaps [--chunks N] [--forward-only]
@@ -33,8 +34,10 @@ Flags that must act before TensorFlow starts (the script imports TF only after p
   --cpu-replicas N   N logical CPU devices, so MirroredStrategy trains N replicas on the CPU
   --workers N        train: N processes of this script on 127.0.0.1, one TF_CONFIG each
                      (components/multi_worker_trainer.py's cluster), training under
-                     MultiWorkerMirroredStrategy as the Trainer does with --trainer-workers N;
-                     --batch stays the global batch; the line printed is worker 0's (the chief)
+                     MultiWorkerMirroredStrategy as the Trainer does with --trainer-workers N
+                     (the same launcher, components.multi_worker_trainer.run_workers); --batch
+                     stays the global batch; the JSON line is worker 0's (the chief), the
+                     others' lines come after a "worker <i>: " prefix
   --tf-defaults      TensorFlow's default CPU runtime, instead of the one
                      models.capsnet.hardware chooses for --mixed-precision on this CPU (what
                      local_runner.py runs with); see docs/results.md
@@ -232,23 +235,6 @@ def time_steps(step, args):
 
 # --------------------------------------------------------------------------------------- modes
 
-def run_workers(argv, workers):
-    """Runs this script as `workers` processes in one cluster on 127.0.0.1 (TF_CONFIG each,
-    as the Trainer's local workers get theirs) and returns worker 0's JSON line."""
-    import subprocess
-    from components.multi_worker_trainer import cluster_configs, free_ports
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.train_throughput", *argv],
-                              env={**os.environ, "TF_CONFIG": config},
-                              stdout=subprocess.PIPE, text=True)
-             for config in cluster_configs(free_ports(workers))]
-    outputs = [proc.communicate()[0] for proc in procs]
-    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
-    if failed:
-        raise RuntimeError(f"bench.train_throughput --workers {workers}: worker(s) {failed} "
-                           f"failed (their stderr is above)")
-    return outputs[0].strip().splitlines()[-1]
-
-
 def bench_train(args, mnist, work_dir):
     import keras
     from models import trainer
@@ -440,7 +426,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.workers > 1 and "TF_CONFIG" not in os.environ:
-        print(run_workers(argv, args.workers), flush=True)
+        # The Trainer's own local cluster: worker 0's output as is, the others' prefixed.
+        from components import multi_worker_trainer
+        multi_worker_trainer.run_workers(
+            [sys.executable, "-m", "bench.train_throughput", *argv], args.workers)
         return 0
     from models.capsnet import hardware  # before TensorFlow loads
     from pipeline import tf_runtime
