@@ -2,9 +2,11 @@
 
 TensorFlow's default on x86 is oneDNN, and oneDNN's convolution answers a zero-size batch with
 the wrong shape; TensorFlow's own (Eigen) kernels do not. The runtime is fixed when TensorFlow
-starts, so each runtime gets a child pytest over the tests marked `edge_batch`, with
-TF_ENABLE_ONEDNN_OPTS set in its environment (the chooser leaves a set variable alone). The
-exported model's empty-batch answer is checked the same way in tests/pipeline/test_reliability_e2e.py.
+starts. The runtime this session runs under (the chooser's, tests/conftest.py) runs the tests
+marked `edge_batch` in this process with the rest of the suite; the other runtime gets a child
+pytest over them, with TF_ENABLE_ONEDNN_OPTS set in its environment (the chooser leaves a set
+variable alone). The exported model's empty-batch answer is checked under both runtimes in
+tests/pipeline/test_reliability_e2e.py.
 """
 
 import os
@@ -12,21 +14,24 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO
 
 RUNTIMES = {"eigen": "0", "onednn": "1"}
 
 
-@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
-def test_edge_batch_tests_pass_under_each_runtime(runtime):
+def onednn_on(env) -> bool:
+    """Whether TensorFlow started with `env` runs oneDNN, as TensorFlow itself reports it."""
+    check = "from tensorflow.python.util import _pywrap_util_port as p; print(p.IsMklEnabled())"
+    return subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True,
+                          text=True, check=True).stdout.split()[-1] == "True"
+
+
+def test_edge_batch_tests_pass_under_the_other_runtime():
+    """This process ran them under its own runtime; a child runs them under the other one."""
+    from tensorflow.python.util import _pywrap_util_port
+    runtime = "eigen" if _pywrap_util_port.IsMklEnabled() else "onednn"
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": RUNTIMES[runtime]}
-    check = ("from tensorflow.python.util import _pywrap_util_port as p; "
-             "print(p.IsMklEnabled())")  # oneDNN on or off, as TensorFlow itself reports it
-    on = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True,
-                        text=True, check=True).stdout.split()[-1]
-    assert on == str(runtime == "onednn")
+    assert onednn_on(env) == (runtime == "onednn")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "edge_batch",
          "tests/models"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

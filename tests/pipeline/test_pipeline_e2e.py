@@ -124,9 +124,9 @@ def bfloat16_ops(saved_model_dir):
 def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(runs,
                                                                                mnist_arrays):
     """Whatever dtype training computed in, the default serving graph is float32 (fast on any
-    CPU), built from the float32 master weights: no bfloat16 op in it, and on the 10,000 official
-    test images its classes are those of the model as trained (with its training dtype policy)
-    on >= 99.9 % of them."""
+    CPU), built from the float32 master weights: no bfloat16 op in it, and on the first 3,000
+    official test images its classes are those of the model as trained (with its training dtype
+    policy) on >= 99.9 % of them."""
     from models.capsnet.model import with_dtype_policy
     model_dir = os.path.join(runs["nodes"][0]["Trainer"].output("model").uri, "Format-Serving")
     assert bfloat16_ops(model_dir) == set()
@@ -136,11 +136,12 @@ def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(
         pytest.skip(f"the Trainer computed in {trained_dtype} on this machine (no native bf16)")
     import keras
     served = tf.saved_model.load(model_dir).signatures[serving.IMAGES_SIGNATURE]
-    classes = np.concatenate([served(images=tf.constant(mnist_arrays.x_test[i:i + 500]))
-                              ["classes"].numpy() for i in range(0, 10000, 500)])
+    images = mnist_arrays.x_test[:3000]
+    classes = np.concatenate([served(images=tf.constant(images[i:i + 500]))["classes"].numpy()
+                              for i in range(0, len(images), 500)])
     float32_model = keras.saving.load_model(os.path.join(model_dir, "keras", "capsnet.keras"))
     trained = with_dtype_policy(float32_model, SMOKE.recipe.routings, "mixed_bfloat16")
-    lengths = trained.predict(mnist_arrays.x_test[..., None].astype("float32") / 255.0,
+    lengths = trained.predict(images[..., None].astype("float32") / 255.0,
                               batch_size=500, verbose=0)["lengths"]
     agree = np.mean(np.argmax(lengths, -1) == classes)
     assert agree >= 0.999, f"classes agree on {agree:.2%} of the test images"

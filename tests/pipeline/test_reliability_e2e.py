@@ -201,38 +201,38 @@ def test_warm_start_continues_from_the_latest_blessed_model(runs):
 
 # ------------------------------------------------------------------ interruption and concurrency
 def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
-    """SIGKILL while epoch 3 of 4 trains; the same command again resumes at epoch 3 from the
+    """SIGKILL while epoch 3 of 3 trains; the same command again resumes at epoch 3 from the
     checkpoint of epoch 2, with upstream components from cache, and exports, evaluates and
     (the bar passed) pushes; each epoch's learning rate is the uninterrupted schedule's."""
     out = runs["out"]
-    flags = runs["flags"] + ["--epochs", "4", "--steps-per-epoch", "3", "--max-test-error", "1.0",
+    flags = runs["flags"] + ["--epochs", "3", "--steps-per-epoch", "2", "--max-test-error", "1.0",
                              "--no-baseline", "--verbose"]  # every log line, on the terminal
     # Epoch 2's checkpoint is written once Keras starts epoch 3.
     assert kill_when([sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
-                     "Epoch 3/4") == -signal.SIGKILL
+                     "Epoch 3/3") == -signal.SIGKILL
 
     before = serving_versions(out)
     proc = run_local(out, *flags)
     log = proc.stdout + proc.stderr
-    assert "resumed at epoch 3 of 4 (checkpoint from " in log
+    assert "resumed at epoch 3 of 3 (checkpoint from " in log
     assert "absl: Component Trainer is running." in log and "Full log: " not in log  # --verbose
-    assert re.findall(r"Epoch (\d+)/4", log) == ["3", "4"]  # the re-run trained epochs 3, 4
-    assert "Training: resumed at epoch 3 of 4" in proc.stdout  # the summary says so too
+    assert re.findall(r"Epoch (\d+)/3", log) == ["3"]  # the re-run trained epoch 3 alone
+    assert "Training: resumed at epoch 3 of 3" in proc.stdout  # the summary says so too
     nodes = latest_nodes(out)
     assert UPSTREAM <= {n for n, r in nodes.items() if r.cached}
     assert not nodes["Trainer"].cached
     assert nodes["Trainer"].execution.last_known_state == metadata_store_pb2.Execution.COMPLETE
     assert blessed(nodes) and pushed(nodes) and len(serving_versions(out)) == len(before) + 1
-    # TensorBoard: the killed execution logged epochs 0-1, the re-run 2-3, at the same rates as
+    # TensorBoard: the killed execution logged epochs 0-1, the re-run 2, at the same rates as
     # one uninterrupted run. Keras logs the optimizer's rate when the epoch ends, that of the
     # step about to be taken: lr * 0.9^(epoch + 1), the last epoch's kept after the last step.
     model_run = nodes["Trainer"].output("model_run").uri
     rates = epoch_scalars(model_run, "epoch_learning_rate")
-    assert sorted(rates) == [2, 3]
+    assert sorted(rates) == [2]
     runs_dir, rerun_id = os.path.split(model_run.rstrip("/"))
     killed_id = max(int(d) for d in os.listdir(runs_dir) if int(d) < int(rerun_id))
     rates.update(epoch_scalars(os.path.join(runs_dir, str(killed_id)), "epoch_learning_rate"))
-    assert rates == pytest.approx({e: 1e-3 * 0.9 ** min(e + 1, 3) for e in range(4)}, rel=1e-5)
+    assert rates == pytest.approx({e: 1e-3 * 0.9 ** min(e + 1, 2) for e in range(3)}, rel=1e-5)
     # The checkpoint is gone once the model is exported.
     resume_root = os.path.join(str(out), "pipeline_root", "Trainer", "resume")
     assert all(not os.listdir(os.path.join(resume_root, d)) for d in os.listdir(resume_root))
@@ -247,10 +247,10 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     from notebooks import analysis
     history = analysis.training_history(store, nodes["Trainer"])
     losses = history[(history["run"] == "train") & (history["metric"] == "loss")]
-    assert list(losses["epoch"]) == [1, 2, 3, 4]
-    assert list(losses["execution"]) == [killed_id] * 2 + [int(rerun_id)] * 2
+    assert list(losses["epoch"]) == [1, 2, 3]
+    assert list(losses["execution"]) == [killed_id] * 2 + [int(rerun_id)]
     seconds = analysis.epoch_table(history)["seconds"]
-    assert seconds.isna().tolist() == [True, False, True, False]  # no duration across the kill
+    assert seconds.isna().tolist() == [True, False, True]  # no duration across the kill
     assert all(r.execution.last_known_state in (metadata_store_pb2.Execution.COMPLETE,
                                                 metadata_store_pb2.Execution.CACHED)
                for r in nodes.values())
