@@ -19,6 +19,12 @@
       inputs: as the model runs it (`models.capsnet.kernels.conv2d_valid` where
       `use_fast_path` says so), then (reported under
       "backend_gradient") the backend's own convolution and autodiff, for comparison.
+  python -m bench.train_throughput --mode matmul
+      The ceiling for --mode primarycaps on this machine: the convolution's three GEMMs
+      (forward [36B, 20736] x [20736, 256], input gradient [36B, 256] x [256, 20736], kernel
+      gradient [20736, 36B] x [36B, 256], B = --batch) each timed as one plain matmul in the
+      compute dtype, on random inputs; the per-step figures are their sum, and "gemms" gives
+      each GEMM's median ms and GFLOP/s.
   python -m bench.train_throughput --mode serve [--model DIR]
       The exported `serving_images` signature (uint8 pixels -> Transform graph -> CapsNet) on
       batches of MNIST test images. DIR is a Trainer's `Format-Serving` dir or a pushed version;
@@ -54,7 +60,7 @@ import time
 from models.capsnet.hardware import MIXED_PRECISION_CHOICES  # light: no TensorFlow
 from models.capsnet.recipe import SERVING_PRECISION_CHOICES, Recipe
 
-MODES = ("train", "input", "serve", "digitcaps", "primarycaps")
+MODES = ("train", "input", "serve", "digitcaps", "primarycaps", "matmul")
 
 
 def parse_args(argv):
@@ -77,7 +83,7 @@ def parse_args(argv):
     p.add_argument("--forward-only", action="store_true",
                    help="digitcaps: time the forward alone (default: forward and backward)")
     p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_CHOICES,
-                   help="train/digitcaps/primarycaps: the compute dtype, chosen as the Trainer "
+                   help="train/digitcaps/primarycaps/matmul: the compute dtype, chosen as the Trainer "
                         "does (models/capsnet/hardware.py; default: auto)")
     p.add_argument("--serving-precision", default="float32",
                    choices=SERVING_PRECISION_CHOICES,
@@ -350,6 +356,35 @@ def bench_primarycaps(args, mnist, work_dir):
     return result, capsnet_flops_per_image(args.routings)["primarycaps"]
 
 
+def primarycaps_gemms(batch):
+    """{name: (m, k, n)} of the PrimaryCaps convolution's GEMMs in im2col form, for a batch:
+    36 output pixels an image, 9 x 9 x 256 taps a patch, 256 filters."""
+    rows, taps, filters = 36 * batch, 9 * 9 * 256, 256
+    return {"forward": (rows, taps, filters), "input_gradient": (rows, filters, taps),
+            "kernel_gradient": (taps, rows, filters)}
+
+
+def bench_matmul(args, mnist, work_dir):
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    dtype = compute_dtype(args)
+    gemms, total = {}, {}
+    for name, (m, k, n) in primarycaps_gemms(args.batch).items():
+        a = tf.cast(rng.normal(size=(m, k)).astype("float32"), dtype)
+        b = tf.cast(rng.normal(scale=0.01, size=(k, n)).astype("float32"), dtype)
+        # One element of the product is fetched: the whole product is computed, not copied.
+        timed = time_steps(tf.function(lambda: [tf.matmul(a, b)[0, 0]]), args)
+        gemms[name] = {"shape": [m, k, n], "ms_per_step_median": timed["ms_per_step_median"],
+                       "gflop_per_s": round(2 * m * k * n / timed["ms_per_step_median"] / 1e6, 1)}
+        for key in ("ms_per_step", "ms_per_step_median", "ms_per_step_min", "cpu_ms_per_step"):
+            total[key] = round(total.get(key, 0.0) + timed[key], 1)
+    result = {"images_per_s": round(args.batch * 1000.0 / total["ms_per_step_median"], 2),
+              **total, "gemms": gemms}
+    return result, capsnet_flops_per_image(args.routings)["primarycaps"]
+
+
 def compute_policy(args):
     """The Keras dtype policy --mixed-precision resolves to here (None: float32)."""
     from models.capsnet import hardware
@@ -445,7 +480,8 @@ def main(argv=None) -> int:
 
     mnist, _ = mnist_data.load(args.data_path, args.data_cache_dir, allow_network=False)
     bench = {"train": bench_train, "input": bench_input, "serve": bench_serve,
-             "digitcaps": bench_digitcaps, "primarycaps": bench_primarycaps}[args.mode]
+             "digitcaps": bench_digitcaps, "primarycaps": bench_primarycaps,
+             "matmul": bench_matmul}[args.mode]
     with tempfile.TemporaryDirectory(prefix="capsnet_bench_") as work_dir:
         result, flops = bench(args, mnist, work_dir)
     out = {"mode": args.mode, **result, "batch": args.batch, "steps": args.steps,

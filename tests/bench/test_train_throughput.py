@@ -98,6 +98,27 @@ def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cach
     assert result["backend_gradient"]["images_per_s"] > 0
 
 
+def test_matmul_mode_times_the_three_gemms_of_primarycaps(capsys, mnist_cache_dir):
+    result = run(capsys, "--mode", "matmul", "--steps", "1", "--warmup", "1", "--batch", "2",
+                 "--data-cache-dir", mnist_cache_dir)
+    gemms = result["gemms"]
+    assert {name: g["shape"] for name, g in gemms.items()} == {
+        "forward": [72, 20736, 256], "input_gradient": [72, 256, 20736],
+        "kernel_gradient": [20736, 72, 256]}
+    # The three GEMMs are the convolution's FLOPs, and the step is their sum.
+    assert sum(2 * m * k * n for m, k, n in (g["shape"] for g in gemms.values())) == \
+        2 * result["flops_per_image"]
+    assert result["ms_per_step_median"] == pytest.approx(
+        sum(g["ms_per_step_median"] for g in gemms.values()), abs=0.2)
+    assert result["images_per_s"] == pytest.approx(2000 / result["ms_per_step_median"], rel=1e-3)
+    for g in gemms.values():
+        m, k, n = g["shape"]
+        assert g["gflop_per_s"] == pytest.approx(2 * m * k * n / g["ms_per_step_median"] / 1e6,
+                                                 rel=1e-2)
+    assert result["compute_dtype"] == hardware.describe(
+        hardware.compute_policy("auto"))["compute_dtype"]
+
+
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"], ["--batch", "0"],
                                   ["--mode", "train", "--model", "x"], ["--max-shift", "14"],
                                   ["--workers", "0"], ["--mode", "serve", "--workers", "2"]])
