@@ -10,7 +10,10 @@ over 60 validation images: epoch 1 on real images; epoch 2 on images turned NaN,
 training (NonFiniteLossError) on every worker at the same step. The weights after epoch 1 go to
 --out; one JSON line ("RESULT {...}") says what happened. Before training, a worker other than
 the chief adds 1 to every weight and proposes start epoch 7: `sync_from_chief` and `from_chief`
-must give it the chief's weights and epoch, as after a restore.
+must give it the chief's weights and epoch, as after a restore. Adam keeps a moving average of
+the weights (ema_momentum, as `--ema-momentum` sets it): after epoch 1 the result gives the
+averages' digest and whether they equal the weights (Keras' average starts at the first step's
+weights).
 """
 
 import argparse
@@ -36,6 +39,7 @@ def run(mnist_cache: str, weights: str, out: str) -> dict:
 
     from data import mnist
     from models import features
+    from models.capsnet import schedule
     from models.capsnet.recipe import Recipe
 
     images = mnist.load(cache_dir=mnist_cache, allow_network=False)[0]
@@ -54,7 +58,7 @@ def run(mnist_cache: str, weights: str, out: str) -> dict:
         return trainer.train_batches(train, BATCH, 1, config.max_shift, config.seed, epoch)
 
     # float32: the workers' weights are compared with a single worker's.
-    config = Recipe(epochs=2, batch_size=BATCH, mixed_precision="none", seed=5)
+    config = Recipe(epochs=2, batch_size=BATCH, mixed_precision="none", seed=5, ema_momentum=0.5)
     _, model, _ = trainer.build_models(config, 1, strategy)
     model.load_weights(weights)
     if not chief:
@@ -73,7 +77,14 @@ def run(mnist_cache: str, weights: str, out: str) -> dict:
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
                 result["logs"] = logs
-                np.savez(out, *model.get_weights())
+                weights = model.get_weights()
+                np.savez(out, *weights)
+                with schedule.averaged_weights(model) as averaged:
+                    result["ema"] = {"averaged": averaged,
+                                     "digest": trainer.weights_digest(model),
+                                     "equal_to_the_weights": all(
+                                         np.array_equal(a, w)
+                                         for a, w in zip(model.get_weights(), weights))}
 
     try:
         trainer.train(strategy, model, epoch_batches,

@@ -70,6 +70,18 @@ def test_one_step_on_two_workers_gives_the_weights_of_one_worker(trained):
         assert not np.array_equal(one, start)  # trained
 
 
+def test_the_weights_moving_average_is_kept_in_sync_on_every_worker(trained):
+    """`--ema-momentum` under MultiWorkerMirroredStrategy: Adam's update of the averages runs in
+    the distributed step, and every worker holds the same averages (here, after the first step,
+    the weights themselves: Keras' average starts there; had the update not run, they would
+    still be the initial weights, which the step moved)."""
+    (chief, _, _), (other, _, _) = trained[0]
+    alone = trained[1][0]
+    for result in (chief, other, alone):
+        assert result["ema"]["averaged"] and result["ema"]["equal_to_the_weights"]
+    assert chief["ema"]["digest"] == other["ema"]["digest"]
+
+
 def test_the_logs_are_every_replicas_and_match_one_worker(trained):
     """The epoch logs: Keras' per-head losses and accuracy over both workers' halves, and the
     `val_` metrics over the whole validation set (60 images: 30 per worker), equal to one
