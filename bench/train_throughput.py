@@ -14,11 +14,12 @@
       the part of the step this project's layout work targets. --chunks routes over N chunks of
       children instead of the count the layer chooses for the batch (the chunk-size sweep of
       docs/results.md); --forward-only times the forward alone (as serving runs it).
-  python -m bench.train_throughput --mode primarycaps
+  python -m bench.train_throughput --mode primarycaps [--forward-only]
       PrimaryCaps' convolution alone (94 % of the FLOPs), forward and both gradients, on random
       inputs: as the model runs it (`models.capsnet.kernels.conv2d_valid` where
       `use_fast_path` says so), then (reported under
       "backend_gradient") the backend's own convolution and autodiff, for comparison.
+      --forward-only times the forward convolution alone (the same op on both paths).
   python -m bench.train_throughput --mode matmul
       The ceiling for --mode primarycaps on this machine: the convolution's three GEMMs
       (forward [36B, 20736] x [20736, 256], input gradient [36B, 256] x [256, 20736], kernel
@@ -81,7 +82,8 @@ def parse_args(argv):
                    help="digitcaps: chunks of children to route over (default: the layer's "
                         "choice for the batch, models.capsnet.kernels._chunk_count)")
     p.add_argument("--forward-only", action="store_true",
-                   help="digitcaps: time the forward alone (default: forward and backward)")
+                   help="digitcaps/primarycaps: time the forward alone (default: forward and "
+                        "backward)")
     p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_CHOICES,
                    help="train/digitcaps/primarycaps/matmul: the compute dtype, chosen as the Trainer "
                         "does (models/capsnet/hardware.py; default: auto)")
@@ -113,8 +115,10 @@ def parse_args(argv):
         p.error("--workers is for --mode train")
     if args.model and args.mode != "serve":
         p.error("--model is for --mode serve")
-    if (args.chunks is not None or args.forward_only) and args.mode != "digitcaps":
-        p.error("--chunks and --forward-only are for --mode digitcaps")
+    if args.chunks is not None and args.mode != "digitcaps":
+        p.error("--chunks is for --mode digitcaps")
+    if args.forward_only and args.mode not in ("digitcaps", "primarycaps"):
+        p.error("--forward-only is for --mode digitcaps and --mode primarycaps")
     if args.chunks is not None and args.chunks < 1:
         p.error("--chunks must be >= 1")
     return args
@@ -130,7 +134,8 @@ def capsnet_flops_per_image(routings=3):
     serve     forward without the decoder (the signatures return the lengths only)
     train     3 x forward, less conv1's input gradient (never needed) = 1.20 GFLOP
     digitcaps u_hat + routing, forward and backward (3 x forward; a third with --forward-only)
-    primarycaps  the PrimaryCaps convolution, forward, input and kernel gradients (3 x forward)
+    primarycaps  the PrimaryCaps convolution, forward, input and kernel gradients (3 x forward;
+              a third with --forward-only)
     """
     conv1 = 20 * 20 * 256 * (9 * 9 * 1)
     primary = 6 * 6 * 256 * (9 * 9 * 256)
@@ -349,11 +354,15 @@ def bench_primarycaps(args, mnist, work_dir):
             return kernels.conv2d_valid(x, k, 2)
         return ops.conv(x, k, strides=2)
 
+    flops = capsnet_flops_per_image(args.routings)["primarycaps"]
+    if args.forward_only:
+        forward = tf.function(lambda: [ops.conv(x, kernel, strides=2)])
+        return time_steps(forward, args), flops // 3
     result = time_steps(gradients(as_the_model_runs_it), args)
     backend = time_steps(gradients(lambda x, k: ops.conv(x, k, strides=2)), args)
     result["backend_gradient"] = {key: backend[key] for key in
                                   ("images_per_s", "ms_per_step_median", "cpu_ms_per_step")}
-    return result, capsnet_flops_per_image(args.routings)["primarycaps"]
+    return result, flops
 
 
 def primarycaps_gemms(batch):

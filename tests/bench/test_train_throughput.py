@@ -98,6 +98,13 @@ def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cach
     assert result["backend_gradient"]["images_per_s"] > 0
 
 
+def test_primarycaps_mode_forward_only(capsys, mnist_cache_dir):
+    result = run(capsys, "--mode", "primarycaps", "--forward-only", "--steps", "1", "--warmup",
+                 "1", "--batch", "2", "--data-cache-dir", mnist_cache_dir)
+    assert result["flops_per_image"] == 2 * 6 * 6 * 256 * 9 * 9 * 256
+    assert "backend_gradient" not in result
+
+
 def test_matmul_mode_times_the_three_gemms_of_primarycaps(capsys, mnist_cache_dir):
     result = run(capsys, "--mode", "matmul", "--steps", "1", "--warmup", "1", "--batch", "2",
                  "--data-cache-dir", mnist_cache_dir)
@@ -121,7 +128,9 @@ def test_matmul_mode_times_the_three_gemms_of_primarycaps(capsys, mnist_cache_di
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"], ["--batch", "0"],
                                   ["--mode", "train", "--model", "x"], ["--max-shift", "14"],
-                                  ["--workers", "0"], ["--mode", "serve", "--workers", "2"]])
+                                  ["--workers", "0"], ["--mode", "serve", "--workers", "2"],
+                                  ["--mode", "train", "--forward-only"],
+                                  ["--mode", "primarycaps", "--chunks", "2"]])
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as exc:
         train_throughput.parse_args(argv)
