@@ -85,8 +85,8 @@ def parse_args(argv):
                    help="digitcaps/primarycaps: time the forward alone (default: forward and "
                         "backward)")
     p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_CHOICES,
-                   help="train/digitcaps/primarycaps/matmul: the compute dtype, chosen as the Trainer "
-                        "does (models/capsnet/hardware.py; default: auto)")
+                   help="train/digitcaps/primarycaps/matmul: the compute dtype, chosen as the "
+                        "Trainer does (models/capsnet/hardware.py; default: auto)")
     p.add_argument("--serving-precision", default="float32",
                    choices=SERVING_PRECISION_CHOICES,
                    help="serve: the fresh export's compute dtype (default: float32)")
@@ -349,17 +349,19 @@ def bench_primarycaps(args, mnist, work_dir):
             return [loss, *tape.gradient(loss, [x, kernel])]
         return step
 
+    def backend_conv(x, k):  # also the model's forward, on either path
+        return ops.conv(x, k, strides=2)
+
     def as_the_model_runs_it(x, k):
         if kernels.use_fast_path("conv_backward", dtype):
             return kernels.conv2d_valid(x, k, 2)
-        return ops.conv(x, k, strides=2)
+        return backend_conv(x, k)
 
     flops = capsnet_flops_per_image(args.routings)["primarycaps"]
     if args.forward_only:
-        forward = tf.function(lambda: [ops.conv(x, kernel, strides=2)])
-        return time_steps(forward, args), flops // 3
+        return time_steps(tf.function(lambda: [backend_conv(x, kernel)]), args), flops // 3
     result = time_steps(gradients(as_the_model_runs_it), args)
-    backend = time_steps(gradients(lambda x, k: ops.conv(x, k, strides=2)), args)
+    backend = time_steps(gradients(backend_conv), args)
     result["backend_gradient"] = {key: backend[key] for key in
                                   ("images_per_s", "ms_per_step_median", "cpu_ms_per_step")}
     return result, flops
