@@ -175,38 +175,18 @@ def epoch_scalars(model_run_dir, tag):
     return {epoch: value for epoch, (_, value) in mlmd.epoch_scalars(model_run_dir, tag).items()}
 
 
-def test_warm_start_continues_from_the_latest_blessed_model(runs):
-    """--warm-start: the Trainer's base_model is the latest blessed model (the Resolver's: here
-    the smoke model of the `runs` fixture, 40 steps, blessed at bar 1.0; the tests above bless
-    nothing newer), its weights are the initial ones (a learning rate of 1e-9 leaves them where
-    they start), and the first epoch's loss is far below a fresh start's."""
-    import keras
-    from models.capsnet.model import KERAS_MODEL_FILE
-    out, flags = runs["out"], runs["flags"]
-    proc = run_local(out, *flags, "--warm-start", "--no-baseline", "--max-test-error", "1.0",
-                     "--epochs", "1", "--steps-per-epoch", "2", "--learning-rate", "1e-9")
-    assert "warm start from the weights of " in proc.stdout + proc.stderr
-    nodes = latest_nodes(out)
-    base = nodes["Trainer"].input("base_model")
-    assert base.id == runs["nodes"][2]["Trainer"].output("model").id
-    started, trained = (keras.saving.load_model(os.path.join(uri, "Format-Serving",
-                                                             KERAS_MODEL_FILE))
-                        for uri in (base.uri, nodes["Trainer"].output("model").uri))
-    for a, b in zip(started.get_weights(), trained.get_weights()):
-        np.testing.assert_allclose(b, a, atol=1e-6)
-    warm = epoch_scalars(nodes["Trainer"].output("model_run").uri, "epoch_loss")[0]
-    fresh = epoch_scalars(runs["nodes"][0]["Trainer"].output("model_run").uri, "epoch_loss")[0]
-    assert warm < 0.75 * fresh, (warm, fresh)
-
-
 # ------------------------------------------------------------------ interruption and concurrency
-def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
-    """SIGKILL while epoch 3 of 3 trains; the same command again resumes at epoch 3 from the
-    checkpoint of epoch 2, with upstream components from cache, and exports, evaluates and
-    (the bar passed) pushes; each epoch's learning rate is the uninterrupted schedule's."""
+def test_warm_started_run_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
+    """--warm-start, then SIGKILL while epoch 3 of 3 trains; the same command again resumes at
+    epoch 3 from the checkpoint of epoch 2, with upstream components from cache, and exports,
+    evaluates and (the bar passed) pushes; each epoch's learning rate is the uninterrupted
+    schedule's. The warm start: the Trainer's base_model is the latest blessed model (the
+    Resolver's: the `runs` fixture's smoke model, 40 steps, blessed at bar 1.0; the tests above
+    bless nothing newer), and the first epoch's loss is far below a fresh start's."""
     out = runs["out"]
     flags = runs["flags"] + ["--epochs", "3", "--steps-per-epoch", "2", "--max-test-error", "1.0",
-                             "--no-baseline", "--verbose"]  # every log line, on the terminal
+                             "--warm-start", "--no-baseline",
+                             "--verbose"]  # every log line, on the terminal
     # Epoch 2's checkpoint is written once Keras starts epoch 3.
     assert kill_when([sys.executable, "local_runner.py", "--output-dir", str(out), *flags],
                      "Epoch 3/3") == -signal.SIGKILL
@@ -233,6 +213,12 @@ def test_killed_during_training_then_rerun_resumes_at_the_next_epoch(runs):
     killed_id = max(int(d) for d in os.listdir(runs_dir) if int(d) < int(rerun_id))
     rates.update(epoch_scalars(os.path.join(runs_dir, str(killed_id)), "epoch_learning_rate"))
     assert rates == pytest.approx({e: 1e-3 * 0.9 ** min(e + 1, 2) for e in range(3)}, rel=1e-5)
+    # The warm start, which the re-run repeats before the checkpoint overrides it.
+    assert "absl: Trainer: warm start from the weights of " in log
+    assert nodes["Trainer"].input("base_model").id == runs["nodes"][2]["Trainer"].output("model").id
+    warm = epoch_scalars(os.path.join(runs_dir, str(killed_id)), "epoch_loss")[0]
+    fresh = epoch_scalars(runs["nodes"][0]["Trainer"].output("model_run").uri, "epoch_loss")[0]
+    assert warm < 0.75 * fresh, (warm, fresh)
     # The checkpoint is gone once the model is exported.
     resume_root = os.path.join(str(out), "pipeline_root", "Trainer", "resume")
     assert all(not os.listdir(os.path.join(resume_root, d)) for d in os.listdir(resume_root))
