@@ -9,11 +9,12 @@
       (gzipped TFRecords, image_xf float [28,28,1], label_xf).
   python -m bench.train_throughput --mode input
       The same dataset, iterated alone: the input pipeline's ceiling.
-  python -m bench.train_throughput --mode digitcaps [--chunks N] [--forward-only]
+  python -m bench.train_throughput --mode digitcaps [--chunks N] [--forward-only] [--jit-compile]
       DigitCaps alone (u_hat + dynamic routing), forward and backward, on random capsules:
       the part of the step this project's layout work targets. --chunks routes over N chunks of
       children instead of the count the layer chooses for the batch (the chunk-size sweep of
-      docs/results.md); --forward-only times the forward alone (as serving runs it).
+      docs/results.md); --forward-only times the forward alone (as serving runs it);
+      --jit-compile compiles the timed step with XLA (TensorFlow's jit_compile).
   python -m bench.train_throughput --mode primarycaps [--forward-only]
       PrimaryCaps' convolution alone (94 % of the FLOPs), forward and both gradients, on random
       inputs: as the model runs it (`models.capsnet.kernels.conv2d_valid` where
@@ -84,6 +85,9 @@ def parse_args(argv):
     p.add_argument("--forward-only", action="store_true",
                    help="digitcaps/primarycaps: time the forward alone (default: forward and "
                         "backward)")
+    p.add_argument("--jit-compile", action="store_true",
+                   help="digitcaps: compile the timed step with XLA (default: off, as the "
+                        "model runs)")
     p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_CHOICES,
                    help="train/digitcaps/primarycaps/matmul: the compute dtype, chosen as the "
                         "Trainer does (models/capsnet/hardware.py; default: auto)")
@@ -117,6 +121,8 @@ def parse_args(argv):
         p.error("--model is for --mode serve")
     if args.chunks is not None and args.mode != "digitcaps":
         p.error("--chunks is for --mode digitcaps")
+    if args.jit_compile and args.mode != "digitcaps":
+        p.error("--jit-compile is for --mode digitcaps")
     if args.forward_only and args.mode not in ("digitcaps", "primarycaps"):
         p.error("--forward-only is for --mode digitcaps and --mode primarycaps")
     if args.chunks is not None and args.chunks < 1:
@@ -314,7 +320,7 @@ def bench_digitcaps(args, mnist, work_dir):
             layer.dim, layer.routings, layer.stop_gradient_routing, SQUASH_EPS,
             n_chunks=args.chunks)
 
-    @tf.function
+    @tf.function(jit_compile=args.jit_compile)
     def step():
         if args.forward_only:
             return digit_caps(u)

@@ -79,6 +79,23 @@ def test_digitcaps_mode_one_step(capsys, mnist_cache_dir):
     assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
 
 
+def test_digitcaps_mode_under_xla(capsys, mnist_cache_dir, monkeypatch):
+    """--jit-compile: the timed step is an XLA-compiled tf.function."""
+    import tensorflow as tf
+    compiled = []
+    real_function = tf.function
+
+    def function(*args, **kwargs):
+        compiled.append(kwargs.get("jit_compile"))
+        return real_function(*args, **kwargs)
+
+    monkeypatch.setattr(tf, "function", function)
+    result = run(capsys, "--mode", "digitcaps", "--jit-compile", "--steps", "1", "--warmup", "1",
+                 "--batch", "8", "--data-cache-dir", mnist_cache_dir)
+    assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
+    assert compiled.count(True) == 1
+
+
 def test_digitcaps_mode_with_chosen_chunks_forward_only(capsys, mnist_cache_dir):
     """The chunk sweep's form: two chunks of 576 children, the forward alone (a third of the
     forward-and-backward FLOPs); flags for other modes are refused."""
@@ -130,7 +147,8 @@ def test_matmul_mode_times_the_three_gemms_of_primarycaps(capsys, mnist_cache_di
                                   ["--mode", "train", "--model", "x"], ["--max-shift", "14"],
                                   ["--workers", "0"], ["--mode", "serve", "--workers", "2"],
                                   ["--mode", "train", "--forward-only"],
-                                  ["--mode", "primarycaps", "--chunks", "2"]])
+                                  ["--mode", "primarycaps", "--chunks", "2"],
+                                  ["--mode", "primarycaps", "--jit-compile"]])
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as exc:
         train_throughput.parse_args(argv)
