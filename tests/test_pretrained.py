@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(REPO, "pretrained", "capsnet_mnist.keras")
@@ -55,7 +56,7 @@ def test_it_makes_the_cards_count_of_test_errors(mnist_arrays):
     assert errors == int(card_value(r"Test errors: (\d+) of 10,000"))
 
 
-def test_it_serves_through_a_savedmodel_export(tmp_path, mnist_arrays):
+def test_it_serves_through_a_savedmodel_export(tmp_path, mnist_arrays, capsys):
     """python -m models.serving: the pretrained model and the committed Transform graph as the
     SavedModel a Trainer exports; its serving_images classes equal the Keras model's."""
     import keras
@@ -75,7 +76,8 @@ def test_it_serves_through_a_savedmodel_export(tmp_path, mnist_arrays):
     model = keras.saving.load_model(MODEL, compile=False)
     expected = np.argmax(model.predict(visualize.to_model_input(images), verbose=0)[LENGTHS], -1)
     np.testing.assert_array_equal(served["classes"].numpy(), expected)
-    again = subprocess.run([sys.executable, "-m", "models.serving", "--model", MODEL,
-                            "--transform-graph", TRANSFORM, "--export-dir", str(export)],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 2 and "exists; expected a new directory" in again.stderr
+    from models import serving  # the same command again, in this process: refused
+    with pytest.raises(SystemExit) as again:
+        serving.main(["--model", MODEL, "--transform-graph", TRANSFORM,
+                      "--export-dir", str(export)])
+    assert again.value.code == 2 and "exists; expected a new directory" in capsys.readouterr().err
