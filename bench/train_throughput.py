@@ -19,7 +19,9 @@
       PrimaryCaps' convolution alone (94 % of the FLOPs), forward and both gradients, on random
       inputs: as the model runs it (`models.capsnet.kernels.conv2d_valid` where
       `use_fast_path` says so), then (reported under
-      "backend_gradient") the backend's own convolution and autodiff, for comparison.
+      "backend_gradient") the backend's own convolution and autodiff, for comparison; then
+      (under "gradients") each gradient alone, the input's and the kernel's, in both forms
+      (median ms): which form wins where, gradient by gradient, on this machine.
       --forward-only times the forward convolution alone (the same op on both paths).
   python -m bench.train_throughput --mode matmul
       The ceiling for --mode primarycaps on this machine: the convolution's three GEMMs
@@ -366,10 +368,24 @@ def bench_primarycaps(args, mnist, work_dir):
     flops = capsnet_flops_per_image(args.routings)["primarycaps"]
     if args.forward_only:
         return time_steps(tf.function(lambda: [backend_conv(x, kernel)]), args), flops // 3
+    def one_gradient(conv, wrt):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(wrt)
+                loss = tf.reduce_sum(tf.cast(conv(x, kernel), "float32") * probe)
+            return [tape.gradient(loss, wrt)]  # the forward and the other gradient: pruned
+        return step
+
     result = time_steps(gradients(as_the_model_runs_it), args)
     backend = time_steps(gradients(backend_conv), args)
     result["backend_gradient"] = {key: backend[key] for key in
                                   ("images_per_s", "ms_per_step_median", "cpu_ms_per_step")}
+    forms = {"model": as_the_model_runs_it, "backend": backend_conv}
+    result["gradients"] = {
+        name: {form: time_steps(one_gradient(conv, wrt), args)["ms_per_step_median"]
+               for form, conv in forms.items()}
+        for name, wrt in (("input", x), ("kernel", kernel))}
     return result, flops
 
 

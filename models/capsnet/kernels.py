@@ -6,7 +6,7 @@ measured (docs/results.md); `use_fast_path` alone decides where each one runs.
   predict_and_route         DigitCaps: u_hat (= layers.predictions) and dynamic routing
                             (= layers.dynamic_routing) over chunks of children, with a
                             hand-written backward
-  conv2d_valid              PrimaryCaps' convolution (= ops.conv 'valid') with a batched-matmul
+  conv2d_valid              PrimaryCaps' convolution (= ops.conv 'valid') with a written-out
                             backward
   unless_empty              a layer's computation, answered without the backend for an empty batch
   read                      a variable's value for functions with a custom gradient
@@ -20,12 +20,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from models.capsnet import hardware
+
 
 # --------------------------------------------------------------------------------------------
 # The one chooser
 # --------------------------------------------------------------------------------------------
 
-FAST_PATHS = ("routing", "conv_backward")
+FAST_PATHS = ("routing", "conv_backward", "col2im")
 
 
 def use_fast_path(kind, dtype):
@@ -38,6 +40,10 @@ def use_fast_path(kind, dtype):
       conv_backward  `conv2d_valid` for PrimaryCaps where its backward was measured faster than
                      the backend's: float32 or bfloat16 on TensorFlow with no GPU visible
                      (cuDNN's gradients stay on GPUs; float16 was never measured).
+      col2im         inside `conv2d_valid`, the input gradient as one matmul and a col2im sum
+                     where TensorFlow runs its Eigen CPU kernels (TF_ENABLE_ONEDNN_OPTS=0):
+                     Eigen's own works image by image. Under oneDNN, oneDNN's transposed
+                     convolution instead (measured faster on the AMD EPYC Zen 4, below).
     """
     if kind == "routing":
         return True
@@ -46,6 +52,8 @@ def use_fast_path(kind, dtype):
                 or keras.backend.standardize_dtype(dtype) not in ("float32", "bfloat16")):
             return False
         return not keras.distribution.list_devices("gpu")
+    if kind == "col2im":
+        return use_fast_path("conv_backward", dtype) and hardware.runtime_name() == "Eigen"
     raise ValueError(f"unknown fast path {kind!r}; expected one of {FAST_PATHS}")
 
 
@@ -380,20 +388,23 @@ def _predict_and_route(u, kernel, n_chunks, n_caps, dim, routings, stop_gradient
 
 
 # --------------------------------------------------------------------------------------------
-# PrimaryCaps' convolution: the backend's forward, a batched-matmul backward
+# PrimaryCaps' convolution: the backend's forward, a written-out backward
 # --------------------------------------------------------------------------------------------
 #
-# Why: at batch 100, TensorFlow's CPU input gradient of the 9x9 stride-2 PrimaryCaps convolution
-# (Conv2DBackpropInput, which works image by image: a [36, 256] x [256, 9*9*256] matmul and a
-# col2im each) took ~650 ms of a ~1,650 ms training step. The same matmul done ONCE for the whole
-# batch, then a segment sum that adds every patch tap back onto its pixel (col2im), takes ~250 ms;
-# the kernel gradient as a dilated convolution of the input with the output gradient ~320 ms
-# instead of ~360. Same FLOPs, same values (tests/models/capsnet/test_equivalence.py); timed by
-# `python -m bench.train_throughput --mode primarycaps`. In bfloat16 under oneDNN (AMD EPYC with
-# AVX512_BF16, batch 100): input gradient 77 ms against oneDNN's 82, kernel gradient as the
-# dilated convolution 67 ms against oneDNN's Conv2DBackpropFilter 200 ms; the whole training step
-# ~320 img/s against ~235. Measured with float32 and bfloat16 on TensorFlow's CPU kernels only, so
-# elsewhere (GPUs, other backends, float16) the backend's own gradient stays.
+# Why: at batch 100, TensorFlow's Eigen input gradient of the 9x9 stride-2 PrimaryCaps
+# convolution (Conv2DBackpropInput, which works image by image: a [36, 256] x [256, 9*9*256]
+# matmul and a col2im each) took ~650 ms of a ~1,650 ms float32 training step. The same matmul
+# done ONCE for the whole batch, then a segment sum that adds every patch tap back onto its pixel
+# (col2im), takes ~250 ms; the kernel gradient as a dilated convolution of the input with the
+# output gradient ~320 ms instead of ~360. Same FLOPs, same values
+# (tests/models/capsnet/test_equivalence.py). Under oneDNN (bfloat16, batch 100), oneDNN's own
+# Conv2DBackpropFilter is the slow one: the dilated convolution takes 135-148 ms against its
+# 236-328 on the AMD EPYC Zen 4 (67 against 200 on the Zen 5); its transposed convolution, the
+# input gradient, takes 115-132 ms against col2im's 152-172 on the Zen 4, a training step 6 %
+# faster (docs/results.md; on the Zen 5, col2im measured 77 ms against 82 before this choice).
+# `python -m bench.train_throughput --mode primarycaps` times each gradient in both forms.
+# Measured with float32 and bfloat16 on TensorFlow's CPU kernels only, so elsewhere (GPUs, other
+# backends, float16) the backend's own gradient stays.
 
 
 def _patch_pixels(out_h, out_w, width, kernel_size, strides):
@@ -405,7 +416,7 @@ def _patch_pixels(out_h, out_w, width, kernel_size, strides):
     return (rows * width + cols).reshape(-1).astype("int32")
 
 
-def conv2d_valid(x, kernel, strides):
+def conv2d_valid(x, kernel, strides, col2im=None):
     """'valid' convolution, channels last: x [B, H, W, C], kernel [k, k, C, F] ->
     [B, H', W', F] with H' = (H - k) // strides + 1 (likewise W'). B > 0: the backward
     convolves over the batch as channels, which fails for B = 0 (PrimaryCaps guards with
@@ -414,16 +425,18 @@ def conv2d_valid(x, kernel, strides):
     Equals ops.conv(x, kernel, strides, "valid") with its autodiff gradients. The forward is
     ops.conv; the backward is written out:
       d x = col2im(d y [B*H'*W', F] x kernel^T [F, k*k*C]): one matmul, then a segment sum of
-            each patch tap onto its pixel;
+            each patch tap onto its pixel, when `col2im` (by default `use_fast_path("col2im")`);
+            else the backend's transposed convolution of d y;
       d kernel = ops.conv(x^T [C, H_used, W_used, B], d y^T [H', W', B, F], dilation = strides),
             transposed back, where H_used = strides * (H' - 1) + k rows are the ones any patch
             reads (the others get no gradient).
     """
-    k, _, c_in, c_out = kernel.shape
+    if col2im is None:
+        col2im = use_fast_path("col2im", x.dtype)
+    k = kernel.shape[0]
     height, width = x.shape[1], x.shape[2]
-    out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
-    pixels = _patch_pixels(out_h, out_w, width, k, strides)
-    used_h, used_w = strides * (out_h - 1) + k, strides * (out_w - 1) + k
+    used_h, used_w = height - (height - k) % strides, width - (width - k) % strides
+    input_gradient = _col2im_input_gradient if col2im else _transposed_input_gradient
 
     @ops.custom_gradient
     def conv(x, kernel):
@@ -431,21 +444,39 @@ def conv2d_valid(x, kernel, strides):
 
         def grad(*args, upstream=None):
             (g,) = _upstream(args, upstream, 1)  # [B, H', W', F]
-            batch = ops.shape(g)[0]
-            patches = ops.matmul(ops.reshape(g, (-1, c_out)),
-                                 ops.transpose(ops.reshape(kernel, (-1, c_out))))
-            ids = ops.arange(batch, dtype="int32")[:, None] * (height * width) + pixels[None, :]
-            # Up to ceil(k / strides)^2 taps land on a pixel: summed in float32 (in bfloat16 the
-            # sum's rms error was 3x that of oneDNN's own bf16 input gradient; now equal).
-            d_x = ops.segment_sum(ops.cast(ops.reshape(patches, (-1, c_in)), "float32"),
-                                  ops.reshape(ids, (-1,)), num_segments=batch * height * width)
-            d_x = ops.cast(d_x, x.dtype)
             d_kernel = ops.transpose(ops.conv(  # [C, k, k, F] -> [k, k, C, F]
                 ops.transpose(x[:, :used_h, :used_w], (3, 1, 2, 0)),
                 ops.transpose(g, (1, 2, 0, 3)), dilation_rate=strides,
                 data_format="channels_last"), (1, 2, 0, 3))
-            return ops.reshape(d_x, (-1, height, width, c_in)), d_kernel
+            return input_gradient(g, kernel, strides, (height, width), x.dtype), d_kernel
 
         return y, grad
 
     return conv(x, kernel)
+
+
+def _col2im_input_gradient(g, kernel, strides, size, dtype):
+    """d x [B, H, W, C] of a 'valid' convolution from d y = g [B, H', W', F]: one matmul
+    g [B*H'*W', F] x kernel^T [F, k*k*C] gives every patch's gradient, and a segment sum adds
+    each patch tap onto its pixel."""
+    k, _, c_in, c_out = kernel.shape
+    (height, width), (out_h, out_w) = size, g.shape[1:3]
+    batch = ops.shape(g)[0]
+    patches = ops.matmul(ops.reshape(g, (-1, c_out)),
+                         ops.transpose(ops.reshape(kernel, (-1, c_out))))
+    pixels = _patch_pixels(out_h, out_w, width, k, strides)
+    ids = ops.arange(batch, dtype="int32")[:, None] * (height * width) + pixels[None, :]
+    # Up to ceil(k / strides)^2 taps land on a pixel: summed in float32 (in bfloat16 the
+    # sum's rms error was 3x that of oneDNN's own bf16 input gradient; now equal).
+    d_x = ops.segment_sum(ops.cast(ops.reshape(patches, (-1, c_in)), "float32"),
+                          ops.reshape(ids, (-1,)), num_segments=batch * height * width)
+    return ops.reshape(ops.cast(d_x, dtype), (-1, height, width, c_in))
+
+
+def _transposed_input_gradient(g, kernel, strides, size, dtype):
+    """The same d x as `_col2im_input_gradient`, as the backend's transposed convolution; the
+    rows and columns no patch reads (H - H_used of them) get zeros through output_padding."""
+    k = kernel.shape[0]
+    padding = tuple((side - k) % strides for side in size)
+    return ops.cast(ops.conv_transpose(g, kernel, strides=strides, padding="valid",
+                                       output_padding=padding, data_format="channels_last"), dtype)
