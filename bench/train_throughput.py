@@ -347,14 +347,16 @@ def bench_primarycaps(args, mnist, work_dir):
     kernel = tf.cast(rng.normal(scale=0.01, size=(9, 9, 256, 256)).astype("float32"), dtype)
     probe = tf.constant(rng.normal(size=(args.batch, 6, 6, 256)).astype("float32"))
 
-    def gradients(conv):
+    def gradients(conv, *wrt, forward=True):
         @tf.function
         def step():
             with tf.GradientTape() as tape:
-                tape.watch([x, kernel])
+                tape.watch(wrt)
                 loss = tf.reduce_sum(tf.cast(conv(x, kernel), "float32") * probe)
-            # The loss too: the gradients alone do not need the forward, which would be pruned.
-            return [loss, *tape.gradient(loss, [x, kernel])]
+            grads = tape.gradient(loss, list(wrt))
+            # Fetching the loss keeps the forward; the gradients alone do not need it, and
+            # without it (forward=False) the forward and any gradient not asked are pruned.
+            return [loss, *grads] if forward else grads
         return step
 
     def backend_conv(x, k):  # also the model's forward, on either path
@@ -368,22 +370,14 @@ def bench_primarycaps(args, mnist, work_dir):
     flops = capsnet_flops_per_image(args.routings)["primarycaps"]
     if args.forward_only:
         return time_steps(tf.function(lambda: [backend_conv(x, kernel)]), args), flops // 3
-    def one_gradient(conv, wrt):
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                tape.watch(wrt)
-                loss = tf.reduce_sum(tf.cast(conv(x, kernel), "float32") * probe)
-            return [tape.gradient(loss, wrt)]  # the forward and the other gradient: pruned
-        return step
 
-    result = time_steps(gradients(as_the_model_runs_it), args)
-    backend = time_steps(gradients(backend_conv), args)
+    result = time_steps(gradients(as_the_model_runs_it, x, kernel), args)
+    backend = time_steps(gradients(backend_conv, x, kernel), args)
     result["backend_gradient"] = {key: backend[key] for key in
                                   ("images_per_s", "ms_per_step_median", "cpu_ms_per_step")}
     forms = {"model": as_the_model_runs_it, "backend": backend_conv}
     result["gradients"] = {
-        name: {form: time_steps(one_gradient(conv, wrt), args)["ms_per_step_median"]
+        name: {form: time_steps(gradients(conv, wrt, forward=False), args)["ms_per_step_median"]
                for form, conv in forms.items()}
         for name, wrt in (("input", x), ("kernel", kernel))}
     return result, flops

@@ -448,14 +448,14 @@ def conv2d_valid(x, kernel, strides, col2im=None):
                 ops.transpose(x[:, :used_h, :used_w], (3, 1, 2, 0)),
                 ops.transpose(g, (1, 2, 0, 3)), dilation_rate=strides,
                 data_format="channels_last"), (1, 2, 0, 3))
-            return input_gradient(g, kernel, strides, (height, width), x.dtype), d_kernel
+            return input_gradient(g, kernel, strides, (height, width)), d_kernel
 
         return y, grad
 
     return conv(x, kernel)
 
 
-def _col2im_input_gradient(g, kernel, strides, size, dtype):
+def _col2im_input_gradient(g, kernel, strides, size):
     """d x [B, H, W, C] of a 'valid' convolution from d y = g [B, H', W', F]: one matmul
     g [B*H'*W', F] x kernel^T [F, k*k*C] gives every patch's gradient, and a segment sum adds
     each patch tap onto its pixel."""
@@ -470,13 +470,13 @@ def _col2im_input_gradient(g, kernel, strides, size, dtype):
     # sum's rms error was 3x that of oneDNN's own bf16 input gradient; now equal).
     d_x = ops.segment_sum(ops.cast(ops.reshape(patches, (-1, c_in)), "float32"),
                           ops.reshape(ids, (-1,)), num_segments=batch * height * width)
-    return ops.reshape(ops.cast(d_x, dtype), (-1, height, width, c_in))
+    return ops.reshape(ops.cast(d_x, g.dtype), (-1, height, width, c_in))
 
 
-def _transposed_input_gradient(g, kernel, strides, size, dtype):
+def _transposed_input_gradient(g, kernel, strides, size):
     """The same d x as `_col2im_input_gradient`, as the backend's transposed convolution; the
     rows and columns no patch reads (H - H_used of them) get zeros through output_padding."""
     k = kernel.shape[0]
     padding = tuple((side - k) % strides for side in size)
-    return ops.cast(ops.conv_transpose(g, kernel, strides=strides, padding="valid",
-                                       output_padding=padding, data_format="channels_last"), dtype)
+    return ops.conv_transpose(g, kernel, strides=strides, padding="valid",
+                              output_padding=padding, data_format="channels_last")
