@@ -59,6 +59,10 @@ class RunConfig:
                 or math.ceil(self.split_sizes()["train"] / self.recipe.batch_size))
 
 
+# The product's recipe: the one the recipe search on the valid split picks (docs/results.md,
+# "Recipe search"); the seed's until a candidate beats it there.
+FULL = RunConfig()
+
 PRESETS = {
     # The whole pipeline on ~3,500 real examples in a few minutes on 2 CPU cores. Far too little
     # training for 0.4 %: the run correctly ends NOT_BLESSED.
@@ -67,13 +71,11 @@ PRESETS = {
     # The seed project's recipe (XifengGuo/CapsNet-Keras): 50 epochs, batch 100, Adam 1e-3
     # x0.9/epoch, ±2 px shifts, 3 routings, 0.392 x reconstruction loss.
     "seed": RunConfig(),
-    # PROVISIONAL: a placeholder until the recipe search on the valid split sets it; no run has
-    # shown it reaches the 0.4 % bar. 10 epochs, Adam peaking at 2e-3 after a 1-epoch linear
-    # warm-up, then cosine decay to 0.
-    "fast": RunConfig(recipe=Recipe(epochs=10, learning_rate=2e-3, lr_schedule="cosine",
-                                    warmup_epochs=1.0)),
-    # The product's recipe on all images; until the recipe search chooses it, the seed's.
-    "full": RunConfig(),
+    # The fewest epochs shown, on the valid split, to clear the 0.4 % bar with a margin. No
+    # shorter schedule has been: cosine schedules of 10, 15 and 30 epochs settled at 18-25 valid
+    # errors of 5,000, where the rule in docs/results.md asks for 13. So, for now, full's recipe.
+    "fast": FULL,
+    "full": FULL,
 }
 
 

@@ -50,6 +50,12 @@ def test_learning_rate_schedule_and_serving_policy():
     recipe = Recipe()
     assert [recipe.learning_rate_at(e) for e in range(3)] == pytest.approx([1e-3, 9e-4, 8.1e-4])
     assert recipe.learning_rate_at(2, 549, 550) == recipe.learning_rate_at(2)  # per epoch
+    cosine = Recipe(epochs=10, learning_rate=2e-3, lr_schedule="cosine", warmup_epochs=1.0)
+    # per step: linear from 0 over epoch 1, the peak at epoch 2's first step, half of it half-way
+    # through the remaining 4,950 steps (epoch 5, step 275), about 0 at the last step
+    assert [cosine.learning_rate_at(e, s, 550) for e, s in [(0, 0), (0, 275), (1, 0), (5, 275),
+                                                           (9, 549)]] == pytest.approx(
+        [0.0, 1e-3, 2e-3, 1e-3, 0.0], abs=1e-9)
     assert recipe.recon_weight == RECON_WEIGHT == pytest.approx(0.0005 * 784)
     assert recipe.serving_policy() is None
     assert Recipe(serving_precision="mixed_bfloat16").serving_policy() == "mixed_bfloat16"
