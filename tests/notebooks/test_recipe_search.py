@@ -40,3 +40,27 @@ def test_the_table_the_summaries_and_the_plot(tmp_path):
 def test_a_dir_without_a_history_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no history.csv"):
         recipe_search.report([str(tmp_path)], str(tmp_path / "x.png"))
+
+
+def test_a_record_is_drawn_with_the_runs_and_saved_back(tmp_path):
+    record = tmp_path / "record.csv"
+    record.write_text("epoch,old,seed\n1,90,70\n2,48,60\n3,,50\n")
+    new = write_history(tmp_path / "new", [80, 30, 20, 15])
+    text = recipe_search.report([f"new={new}"], str(tmp_path / "c.png"), str(record), save=True)
+    lines = text.splitlines()
+    assert lines[0] == "| epoch | old | seed | new |"
+    assert lines[4] == "| 3 |  | 50 (1.00 %) | 20 (0.40 %) |"
+    assert lines[5] == "| 4 |  |  | 15 (0.30 %) |"
+    assert "- old: 2 epochs; last 48 valid errors; fewest 48 (epoch 2)" in lines  # no seconds
+    assert record.read_text() == ("epoch,old,seed,new\n1,90,70,80\n2,48,60,30\n3,,50,20\n"
+                                  "4,,,15\n")
+    # drawn again from the record alone, as from a clone: the same table
+    assert recipe_search.report([], str(tmp_path / "d.png"), str(record)) == text.replace(
+        "; median 102 s an epoch", "")
+
+
+def test_nothing_to_draw_and_a_save_without_a_record_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no runs"):
+        recipe_search.report([], str(tmp_path / "x.png"))
+    with pytest.raises(SystemExit):
+        recipe_search.main(["--out", str(tmp_path / "x.png"), "--save-record"])
