@@ -26,8 +26,9 @@ def parse_args(argv):
     p.add_argument("--preset", default="smoke", choices=sorted(configs.PRESETS),
                    help="named recipe (pipeline/configs.py): 'smoke' (~3.5k examples, 40 steps, "
                         "minutes; not blessed), 'seed' (the seed project's 50-epoch recipe on all "
-                        "images), 'full' (the product's: the seed's recipe, which the valid split picked) "
-                        "or 'fast' (the fewest epochs shown to bless: full's). Default: smoke")
+                        "images), 'full' (the product's: the seed's recipe, which the valid split "
+                        "picked) or 'fast' (the fewest epochs shown to bless: full's). "
+                        "Default: smoke")
     p.add_argument("--output-dir", default=configs.default_output_dir(),
                    help="base dir for pipeline root, metadata and pushed models "
                         "(default: $CAPSNET_OUTPUT_DIR or ./outputs)")
