@@ -358,7 +358,8 @@ def train(args, config: Recipe) -> dict:
 def main(argv=None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     result = train(args, config)
-    print(json.dumps({"valid_error": result["valid_error"], "epochs": len(result["history"]),
+    last_epoch = result["history"][-1]["epoch"]  # the run's, also when this call resumed it
+    print(json.dumps({"valid_error": result["valid_error"], "epochs": last_epoch,
                       **result.get("final_test", {}),
                       "output_dir": os.path.abspath(args.output_dir), **result["compute"]}),
           flush=True)

@@ -225,6 +225,7 @@ def test_killed_run_resumes_at_the_next_epoch_with_the_same_command(tmp_path, mn
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resumed at epoch 3 of 3 (checkpoint from " in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["epochs"] == 3  # the run's, not 1
     history = read_history(out)
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert [float(r["learning_rate"]) for r in history] == pytest.approx([1e-3, 9e-4, 8.1e-4])
