@@ -1,13 +1,15 @@
-"""Export of the trained CapsNet as a SavedModel with two serving signatures.
+"""Export of a trained network (the CapsNet, or the baseline CNN) as a SavedModel with two serving
+signatures.
 
   serving_default(examples: string [N])      serialized raw tf.Examples (the ExampleGen format);
                                              parsed and normalised by the Transform graph.
   serving_images(images: uint8 [N,28,28] or [N,28,28,1])
                                              raw pixels; packed into the same raw bytes and sent
                                              through the same Transform graph.
-Both return {'scores': float32 [N, 10] capsule lengths, 'classes': int64 [N] argmax}.
-Next to them, `keras/capsnet.keras` keeps the whole Keras inference model, decoder included, for
-the capsule pictures of `models.capsnet.visualize` (the signatures expose no decoder).
+Both return {'scores': float32 [N, 10], 'classes': int64 [N] argmax}: the capsule lengths of the
+CapsNet, the softmax probabilities of the CNN. Next to them, `keras/<network>.keras`
+(`Network.keras_file`) keeps the whole Keras inference model, the CapsNet's decoder included,
+for the capsule pictures of `models.capsnet.visualize` (the signatures expose no decoder).
 
 The Keras 3 inference model and the tf.Transform layer (a tf_keras layer) are tracked by one
 `keras.export.ExportArchive`, so the SavedModel carries the model weights and the transform
@@ -21,8 +23,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from models import features
-from models.capsnet.model import CONV1, KERAS_MODEL_FILE, LENGTHS
+from models import features, networks
 
 IMAGES_SIGNATURE = "serving_images"
 MODEL_INFO_FILE = "model_info.json"  # under assets.extra/, ignored by TF Serving
@@ -49,9 +50,9 @@ def images_to_raw_bytes(images: tf.Tensor) -> tf.Tensor:
     return tf.strings.reduce_join(pixels, axis=-1, keepdims=True)
 
 
-def _outputs(model: keras.Model, images: tf.Tensor) -> dict:
-    lengths = model(images, training=False)[LENGTHS]
-    return {features.SCORES: lengths, features.CLASSES: tf.argmax(lengths, axis=-1)}
+def _outputs(model: keras.Model, images: tf.Tensor, scores_key: str) -> dict:
+    scores = model(images, training=False)[scores_key]
+    return {features.SCORES: scores, features.CLASSES: tf.argmax(scores, axis=-1)}
 
 
 def export_serving_model(model: keras.Model, tft_output, export_dir: str,
@@ -59,12 +60,14 @@ def export_serving_model(model: keras.Model, tft_output, export_dir: str,
     """Writes the SavedModel with both signatures, assets.extra/model_info.json and the .keras file.
 
     Args:
-      model: the CapsNet inference model, image [N,28,28,1] float32 -> {'lengths': [N,10], ...};
-        the signatures compute in its dtype policy (the Trainer passes a float32 one by default).
+      model: the inference model of a network of `models.networks` (known by its name), image
+        [N,28,28,1] float32 -> {<its scores>: [N,10], ...}; the signatures compute in its dtype
+        policy (the Trainer passes a float32 one by default).
       tft_output: tft.TFTransformOutput of the Transform component.
       export_dir: destination (the Trainer's serving_model_dir).
       trained_with: how training computed (`hardware.describe`), recorded in model_info.json.
     """
+    network = networks.of_model(model)
     tft_layer = tft_output.transform_features_layer()
     raw_spec = tft_output.raw_feature_spec()
     raw_spec.pop(features.LABEL_KEY)  # serving requests carry no label
@@ -74,9 +77,9 @@ def export_serving_model(model: keras.Model, tft_output, export_dir: str,
 
     @tf.function(input_signature=[image_spec])
     def classify(images):
-        """The CapsNet on transformed images, traced once for both signatures (a trace of the
-        model costs about 3.5 s of the export)."""
-        return _outputs(model, images)
+        """The network on transformed images, traced once for both signatures (a trace of the
+        CapsNet costs seconds)."""
+        return _outputs(model, images, network.scores)
 
     @tf.function
     def serve_examples(examples):
@@ -95,8 +98,8 @@ def export_serving_model(model: keras.Model, tft_output, export_dir: str,
                          input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
     archive.write_out(export_dir, verbose=False)
     _write_model_info(model, export_dir, trained_with)
-    tf.io.gfile.makedirs(os.path.dirname(os.path.join(export_dir, KERAS_MODEL_FILE)))
-    model.save(os.path.join(export_dir, KERAS_MODEL_FILE))
+    tf.io.gfile.makedirs(os.path.dirname(os.path.join(export_dir, network.keras_file)))
+    model.save(os.path.join(export_dir, network.keras_file))
 
 
 def _write_model_info(model: keras.Model, export_dir: str, trained_with: Optional[dict]) -> None:
@@ -106,8 +109,9 @@ def _write_model_info(model: keras.Model, export_dir: str, trained_with: Optiona
         "keras_version": keras.__version__,
         "keras_backend": keras.backend.backend(),
         "model_class": f"{type(model).__module__}.{type(model).__name__}",
+        "network": model.name,
         "trainable_params": int(sum(keras.ops.size(w) for w in model.trainable_weights)),
-        "serving_compute_dtype": model.get_layer(CONV1).compute_dtype,
+        "serving_compute_dtype": model.get_layer(networks.FIRST_LAYER).compute_dtype,
         "training": trained_with or {},
     }
     extra = os.path.join(export_dir, "assets.extra")
@@ -117,14 +121,16 @@ def _write_model_info(model: keras.Model, export_dir: str, trained_with: Optiona
 
 
 def main(argv=None) -> int:
-    """The SavedModel of a saved Keras CapsNet (e.g. pretrained/capsnet_mnist.keras) with both
-    signatures, through a Transform graph (e.g. pretrained/transform_graph): what a Trainer
-    exports, without a pipeline run."""
+    """The SavedModel of a saved Keras inference model (the CapsNet, e.g.
+    pretrained/capsnet_mnist.keras, or the baseline CNN) with both signatures, through a
+    Transform graph (e.g. pretrained/transform_graph): what a Trainer exports, without a
+    pipeline run."""
     import argparse
     import sys
 
     p = argparse.ArgumentParser(prog="python -m models.serving", description=main.__doc__)
-    p.add_argument("--model", required=True, help="a .keras CapsNet inference model")
+    p.add_argument("--model", required=True,
+                   help="a .keras inference model (CapsNet or CNN)")
     p.add_argument("--transform-graph", required=True,
                    help="a Transform component's transform_graph output dir")
     p.add_argument("--export-dir", required=True,

@@ -1,6 +1,7 @@
-"""TFX Trainer module: thin glue between TFX and `models.capsnet`.
+"""TFX Trainer module: thin glue between TFX and the networks of `models.networks`.
 
-`run_fn` reads the Transform output, builds and compiles the CapsNet inside a tf.distribute
+`run_fn` reads the Transform output, builds and compiles the recipe's network (the CapsNet, or
+the baseline CNN of the robustness comparison) inside a tf.distribute
 strategy chosen from the environment (`make_strategy`): MultiWorkerMirroredStrategy when TF_CONFIG
 names a cluster of more than one task (Vertex worker pools, `local_runner.py --trainer-workers`),
 else MirroredStrategy (every visible GPU; the CPU when there is none). It trains on the `train`
@@ -32,11 +33,9 @@ import tensorflow_transform as tft
 from absl import logging
 from tfx_bsl.public import tfxio
 
-from models import features, progress, serving
+from models import features, networks, progress, serving
 from models.optimizers import FusedAdam
-from models.capsnet import augment, build_capsnet, compile_capsnet, hardware, schedule
-from models.capsnet.model import (IMAGE, KERAS_MODEL_FILE, LABEL, LENGTHS, RECON, policy_of,
-                                  with_dtype_policy)
+from models.capsnet import augment, hardware, schedule
 from models.capsnet.recipe import Recipe
 from models.capsnet.resume import Resume
 
@@ -104,17 +103,15 @@ def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tenso
     return augment.shift(images, offsets, max_shift)
 
 
-def to_model_io(batch: Dict[str, tf.Tensor], max_shift: int = 0, seed=(0, 0)):
-    """Transformed features -> (inputs, targets) for the CapsNet training model.
-
-    inputs {'image': [B,28,28,1], 'label': one-hot [B,10]}; targets {'lengths': one-hot [B,10],
-    'recon': the (shifted) image flattened [B,784]}: the decoder reconstructs what it was shown.
-    seed: the shifts' (`random_shift`).
-    """
+def to_model_io(batch: Dict[str, tf.Tensor], max_shift: int = 0, seed=(0, 0),
+                network: networks.Network = networks.CAPSNET):
+    """Transformed features -> (inputs, targets) of `network`'s training model
+    (`Network.model_io` of the images, shifted, and the one-hot labels [B,10]); for the CapsNet
+    the decoder's target is the shifted image it was shown. seed: the shifts'
+    (`random_shift`)."""
     images = random_shift(batch[IMAGE_XF], max_shift, seed)
     onehot = tf.one_hot(tf.reshape(batch[LABEL_XF], [-1]), features.NUM_CLASSES)
-    flat = tf.reshape(images, [-1, features.NUM_PIXELS])
-    return {IMAGE: images, LABEL: onehot}, {LENGTHS: onehot, RECON: flat}
+    return network.model_io(images, onehot)
 
 
 def read_examples(file_pattern, data_accessor, schema) -> tf.data.Dataset:
@@ -127,22 +124,25 @@ def read_examples(file_pattern, data_accessor, schema) -> tf.data.Dataset:
 
 
 def train_batches(examples: tf.data.Dataset, batch_size: int, steps: int, max_shift: int,
-                  seed: int, epoch: int) -> tf.data.Dataset:
-    """Epoch `epoch`'s `steps` global batches: the examples shuffled (reshuffled every pass,
-    as many passes as the steps need), batched, each batch shifted; all of it drawn from
-    `epoch_seed(seed, epoch)` alone."""
+                  seed: int, epoch: int, network: networks.Network = networks.CAPSNET
+                  ) -> tf.data.Dataset:
+    """Epoch `epoch`'s `steps` global batches for `network`: the examples shuffled (reshuffled
+    every pass, as many passes as the steps need), batched, each batch shifted; all of it drawn
+    from `epoch_seed(seed, epoch)` alone."""
     key = epoch_seed(seed, epoch)
     batches = (examples.shuffle(SHUFFLE_BUFFER, seed=key, reshuffle_each_iteration=True).repeat()
                .batch(batch_size, drop_remainder=True).take(steps).enumerate())
     return batches.map(  # batch `index`'s shifts: from (key, index)
         lambda index, batch: to_model_io(batch, max_shift, tf.stack([tf.constant(key, tf.int64),
-                                                                     index])),
+                                                                     index]), network),
         num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def valid_batches(examples: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+def valid_batches(examples: tf.data.Dataset, batch_size: int,
+                  network: networks.Network = networks.CAPSNET) -> tf.data.Dataset:
     """The valid split once, in batches (the last one partial), unshifted."""
-    return examples.batch(batch_size).map(to_model_io, num_parallel_calls=tf.data.AUTOTUNE)
+    return examples.batch(batch_size).map(lambda batch: to_model_io(batch, network=network),
+                                          num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
@@ -195,25 +195,27 @@ def compute_policy(mixed_precision: Optional[str]) -> Optional[str]:
 
 
 def build_models(config: Recipe, steps_per_epoch: int, strategy=None):
-    """(strategy, train_model, inference_model): the CapsNet built and compiled inside `strategy`
-    (default: `make_strategy` of this process's TF_CONFIG) with the config's seed, routings,
+    """(strategy, train_model, inference_model): the recipe's network built and compiled inside
+    `strategy` (default: `make_strategy` of this process's TF_CONFIG) with the config's seed,
     learning-rate schedule (`schedule.optimizer_options`, epochs of `steps_per_epoch` steps),
-    reconstruction weight and compute dtype; the optimizer's and metrics' state built too, so
-    that the training step creates no variable."""
+    compute dtype and the network's own settings (the CapsNet's routings and reconstruction
+    weight); the optimizer's and metrics' state built too, so that the training step creates no
+    variable."""
     strategy = strategy or make_strategy(tf_config())
+    network = networks.get(config.network)
     keras.utils.set_random_seed(config.seed)  # the weights (other workers get the chief's)
     with strategy.scope():
-        train_model, inference_model = build_capsnet(
-            routings=config.routings, dtype_policy=compute_policy(config.mixed_precision))
-        compile_capsnet(train_model, recon_weight=config.recon_weight,
-                        optimizer=FusedAdam(**schedule.optimizer_options(config, steps_per_epoch)))
+        train_model, inference_model = network.build(
+            config, compute_policy(config.mixed_precision))
+        network.compile(train_model, config,
+                        FusedAdam(**schedule.optimizer_options(config, steps_per_epoch)))
         # The metrics' and optimizer's variables, created before any step as fit() creates
         # them, through Keras' own builder (the one fit() reaches through a reduction of the
         # first distributed batch that fails under MultiWorkerMirroredStrategy); a batch of
         # zeros gives the shapes.
         zeros = {IMAGE_XF: tf.zeros([1, features.IMAGE_SIZE, features.IMAGE_SIZE, 1]),
                  LABEL_XF: tf.zeros([1, 1], tf.int64)}
-        train_model._symbolic_build(data_batch=to_model_io(zeros))
+        train_model._symbolic_build(data_batch=to_model_io(zeros, network=network))
     return strategy, train_model, inference_model
 
 
@@ -320,13 +322,14 @@ class GFiles:
             f.write(text)
 
 
-def warm_start(inference_model, base_model_dir: Optional[str]) -> str:
+def warm_start(inference_model, base_model_dir: Optional[str],
+               network: networks.Network = networks.CAPSNET) -> str:
     """Loads the weights of the base model (the latest blessed one, from its exported Keras
     model) into `inference_model`, which shares every weight with the training model; says what
     it did. base_model_dir: the base model's serving dir, None when there is none."""
     if not base_model_dir:
         return "no base model (warm start off, or no blessed model yet): training from scratch"
-    path = os.path.join(base_model_dir, KERAS_MODEL_FILE)
+    path = os.path.join(base_model_dir, network.keras_file)
     inference_model.set_weights(keras.saving.load_model(path).get_weights())
     return f"warm start from the weights of {path}"
 
@@ -377,21 +380,22 @@ def run_fn(fn_args) -> None:
     strategy = make_strategy(cluster)  # first: multi-worker collectives need it before any op
     chief, worker = is_chief(cluster), f"worker {cluster.get('task', {}).get('index', 0)}"
     config = Recipe.from_custom_config(fn_args.custom_config)
-    logging.info("CapsNet training with Keras %s (%s backend): %s",
+    network = networks.get(config.network)
+    logging.info("%s training with Keras %s (%s backend): %s", network.name,
                  keras.__version__, keras.backend.backend(), config)
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
     schema = tft_output.transformed_metadata.schema
     steps_per_epoch = math.ceil(fn_args.train_steps / config.epochs)
     examples = read_examples(fn_args.train_files, fn_args.data_accessor, schema)
     valid = valid_batches(read_examples(fn_args.eval_files, fn_args.data_accessor, schema),
-                          config.batch_size)
+                          config.batch_size, network)
 
     _, train_model, inference_model = build_models(config, steps_per_epoch, strategy)
     fingerprint = run_fingerprint(fn_args)
     with write_dirs(chief, serving=fn_args.serving_model_dir, tensorboard=fn_args.model_run_dir,
                     resume=resume_dir(fn_args, fingerprint)) as out:
         resume = Resume(out["resume"], fingerprint, config.epochs, fs=GFiles)
-        started = warm_start(inference_model, fn_args.base_model)  # every worker: same ops
+        started = warm_start(inference_model, fn_args.base_model, network)  # every worker
         initial_epoch, resumed = resume.restore(train_model) if chief else (0, "")
         # The chief's restored state is everyone's (the others have no checkpoint to read).
         sync_from_chief(strategy, train_model.weights + train_model.optimizer.variables)
@@ -404,7 +408,7 @@ def run_fn(fn_args) -> None:
 
         train(strategy, train_model,
               lambda epoch: train_batches(examples, config.batch_size, steps_per_epoch,
-                                          config.max_shift, config.seed, epoch),
+                                          config.max_shift, config.seed, epoch, network),
               valid, config.epochs, initial_epoch, steps_per_epoch,
               callbacks=[
                   StopOnNonFiniteLoss(),
@@ -417,11 +421,12 @@ def run_fn(fn_args) -> None:
             # The serving graph computes in float32 unless asked otherwise, whatever training
             # used: a graph of bf16 ops crawls where bf16 is emulated, and the serving host is
             # rarely this one.
-            serving_model = with_dtype_policy(inference_model, config.routings,
-                                              config.serving_policy())
+            serving_model = networks.with_dtype_policy(network, config, inference_model,
+                                                       config.serving_policy())
             serving.export_serving_model(
                 serving_model, tft_output, out["serving"],
-                trained_with={**hardware.describe(policy_of(train_model)), "start": resumed,
+                trained_with={**hardware.describe(networks.policy_of(train_model)),
+                              "start": resumed,
                               "workers": cluster_size(cluster),
                               "replicas": strategy.num_replicas_in_sync})
         resume.remove()  # the model is exported: nothing left to resume

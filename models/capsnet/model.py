@@ -98,24 +98,3 @@ def compile_capsnet(train_model, learning_rate=1e-3, optimizer=None, recon_weigh
         loss_weights={LENGTHS: 1.0, RECON: recon_weight},
         metrics={LENGTHS: [keras.metrics.CategoricalAccuracy(name="accuracy")]},
     )
-
-
-def policy_of(model):
-    """The model's mixed dtype policy name ("mixed_bfloat16", ...), or None when it is float32."""
-    name = model.get_layer(CONV1).dtype_policy.name
-    return None if name == "float32" else name
-
-
-def with_dtype_policy(inference_model, routings, dtype_policy=None):
-    """`inference_model`, or the same network built with `dtype_policy` carrying its weights.
-
-    The weights are the float32 master weights under every policy, so a bfloat16-trained model
-    yields a float32 serving model (and the reverse) without loss.
-    """
-    if policy_of(inference_model) == dtype_policy:
-        return inference_model
-    _, model = build_capsnet(input_shape=inference_model.input_shape[1:],
-                             n_class=inference_model.get_layer(DIGIT_CAPS).n_caps,
-                             routings=routings, dtype_policy=dtype_policy)
-    model.set_weights(inference_model.get_weights())
-    return model

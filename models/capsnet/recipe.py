@@ -1,11 +1,13 @@
-"""The training recipe, defined once: the pipeline's Trainer, the standalone trainer and the
-benchmark all read this dataclass. The pipeline's RunConfig nests it; it travels to the Trainer
-through `custom_config` as `to_custom_config()` (a plain dict) and comes back validated by
-`from_custom_config`. Importing it loads no Keras or backend.
+"""The training recipe, defined once: the pipeline's Trainers, the standalone trainer and the
+benchmark all read this dataclass and build their recipe flags from its fields (`add_flags`).
+The pipeline's RunConfig nests it; it travels to a Trainer through `custom_config` as
+`to_custom_config()` (a plain dict) and comes back validated by `from_custom_config`. Importing
+it loads no Keras or backend.
 
-The defaults are the seed project's recipe (XifengGuo/CapsNet-Keras): 50 epochs of batch 100,
-Adam 1e-3 multiplied by 0.9 after every epoch, random integer shifts of up to ±2 px with zero
-fill (training images only), 3 routing iterations, margin loss + 0.392 x reconstruction loss.
+The field defaults are the CapsNet's, the seed project's recipe (XifengGuo/CapsNet-Keras): 50
+epochs of batch 100, Adam 1e-3 multiplied by 0.9 after every epoch, random integer shifts of up
+to ±2 px with zero fill (training images only), 3 routing iterations, margin loss + 0.392 x
+reconstruction loss. `default_recipe` gives each network's own.
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ from models.capsnet import hardware
 
 SERVING_PRECISION_CHOICES = ("float32", "mixed_bfloat16")
 LR_SCHEDULE_CHOICES = ("exponential", "cosine")
+NETWORK_CHOICES = ("capsnet", "cnn")  # models/networks.py defines them
 # The reconstruction loss's weight, as in the paper (0.0005 x sum of squared errors over 784
 # pixels == 0.392 x per-pixel MSE) and the seed; models/capsnet/losses.py explains the scaling.
 RECON_WEIGHT = 0.392
@@ -23,51 +26,51 @@ RECON_WEIGHT = 0.392
 # configs trained with.
 LATER_FIELDS = {"mixed_precision": hardware.NONE, "serving_precision": "float32", "seed": 0,
                 "lr_schedule": "exponential", "warmup_epochs": 0.0, "ema_momentum": 0.0,
-                "recon_weight": RECON_WEIGHT}
+                "recon_weight": RECON_WEIGHT, "network": "capsnet"}
+
+
+def _field(default, help: str, choices=None):
+    """A recipe field: its default, and the help and choices its command-line flag shows."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How the CapsNet is trained.
-
-    epochs             training epochs
-    batch_size         global batch (split across MirroredStrategy replicas)
-    learning_rate      Adam's initial (exponential) or peak (cosine) learning rate
-    lr_schedule        "exponential": learning_rate * lr_decay ** e in 0-based epoch e, constant
-                       within the epoch; "cosine": per step, linear warm-up from 0 over
-                       warmup_epochs, then cosine decay to 0 at the end of the last epoch
-    lr_decay           the exponential schedule's factor per epoch (the cosine ignores it)
-    warmup_epochs      the cosine schedule's warm-up, in epochs (fractions allowed; < epochs)
-    ema_momentum       0: off; else Adam keeps an exponential moving average of the weights
-                       (Keras' use_ema) and the evaluated and exported model carries it
-    recon_weight       weight of the reconstruction loss (per-pixel MSE) against the margin
-                       loss; 0.392 = the paper's 0.0005 x sum of squared errors over 784 pixels
-    seed               seeds the weights, the shuffle order and the shifts; epoch e's order and
-                       shifts come from (seed, e) alone, so a resumed run draws what an
-                       uninterrupted one draws
-    max_shift          random integer shift of the training images, ±px, zero fill
-    routings           dynamic-routing iterations
-    mixed_precision    compute dtype (hardware.MIXED_PRECISION_CHOICES): "auto" = bfloat16 on a
-                       CPU with native bf16 or a GPU of compute capability >= 8.0 (float32
-                       variables and optimizer state; squash, routing, lengths and losses in
-                       float32), float32 elsewhere; "none" = float32; or a forced Keras policy
-    serving_precision  the exported serving graph's compute: "float32" (built from the float32
-                       master weights, fast on any CPU, whatever training used) or
-                       "mixed_bfloat16" (for serving hosts with native bf16)
-    """
-    epochs: int = 50
-    batch_size: int = 100
-    learning_rate: float = 1e-3
-    lr_decay: float = 0.9
-    max_shift: int = 2
-    routings: int = 3
-    mixed_precision: str = hardware.AUTO
-    serving_precision: str = "float32"
-    seed: int = 0
-    lr_schedule: str = "exponential"
-    warmup_epochs: float = 0.0
-    ema_momentum: float = 0.0
-    recon_weight: float = RECON_WEIGHT
+    """How a network is trained: the defaults are the CapsNet's (the seed project's recipe).
+    Each field's help is its command-line flag's (`add_flags`)."""
+    epochs: int = _field(50, "training epochs")
+    batch_size: int = _field(100, "global batch (split across the replicas)")
+    learning_rate: float = _field(1e-3, "Adam's initial (exponential) or peak (cosine) "
+                                        "learning rate")
+    lr_decay: float = _field(0.9, "the exponential schedule's factor per epoch")
+    max_shift: int = _field(2, "random integer shift of the training images, ±px, zero fill")
+    routings: int = _field(3, "dynamic-routing iterations (CapsNet)")
+    mixed_precision: str = _field(
+        hardware.AUTO, "compute dtype: 'auto' = bfloat16 (float32 variables and optimizer "
+        "state; the CapsNet's routing, squash, lengths and losses in float32) on CPUs with "
+        "native bf16 (AMX-BF16, AVX512_BF16) and GPUs of compute capability >= 8.0, float32 "
+        "elsewhere; 'none' = float32; or a forced Keras mixed policy",
+        hardware.MIXED_PRECISION_CHOICES)
+    serving_precision: str = _field(
+        "float32", "the exported serving graph's compute: float32 (built from the float32 "
+        "master weights, fast on any CPU) or mixed_bfloat16 (for serving hosts with native "
+        "bf16)", SERVING_PRECISION_CHOICES)
+    seed: int = _field(0, "seeds the weights, the shuffle order and the shifts; epoch e's order "
+                          "and shifts come from (seed, e) alone, so a resumed run draws what an "
+                          "uninterrupted one draws")
+    lr_schedule: str = _field(
+        "exponential", "exponential: learning_rate x lr_decay^e in 0-based epoch e, constant "
+        "within the epoch; cosine: per step, linear warm-up from 0 over warmup_epochs, then "
+        "cosine decay to 0 at the end of the last epoch", LR_SCHEDULE_CHOICES)
+    warmup_epochs: float = _field(0.0, "the cosine schedule's warm-up, in epochs (fractions "
+                                       "allowed; < epochs)")
+    ema_momentum: float = _field(0.0, "0: off; else Adam keeps an exponential moving average "
+                                      "of the weights, and the evaluated and exported model "
+                                      "carries it")
+    recon_weight: float = _field(RECON_WEIGHT, "weight of the CapsNet's reconstruction loss "
+                                               "(per-pixel MSE) against the margin loss")
+    network: str = _field("capsnet", "the network trained: capsnet, or cnn (the paper's "
+                                     "baseline, models/cnn)", NETWORK_CHOICES)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "routings"):
@@ -93,6 +96,8 @@ class Recipe:
         check(0 <= self.ema_momentum < 1, "ema_momentum", "in [0, 1) (0: off)",
               self.ema_momentum)
         check(self.recon_weight >= 0, "recon_weight", ">= 0", self.recon_weight)
+        check(self.network in NETWORK_CHOICES, "network", f"one of {NETWORK_CHOICES}",
+              self.network)
 
     def learning_rate_at(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
         """The learning rate of 0-based step `step` of 0-based epoch `epoch` (epochs of
@@ -132,3 +137,41 @@ def check(ok: bool, name: str, expected: str, got) -> None:
     """Raises ValueError('<name> must be <expected>, got <got>') unless ok."""
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {got!r}")
+
+
+def flag_name(field_name: str) -> str:
+    """A recipe field's command-line flag: 'batch_size' -> '--batch-size'."""
+    return "--" + field_name.replace("_", "-")
+
+
+def add_flags(parser, defaults: Recipe, exclude=(), title: str = "the training recipe"):
+    """Adds one flag per Recipe field (but `exclude`) to an argparse parser, in a group of its
+    own: the field's type, choices and help, and `defaults`' value as the stated default. Every
+    flag defaults to None, "not given": `flag_values` returns only those given."""
+    group = parser.add_argument_group(title)
+    for field in dataclasses.fields(Recipe):
+        if field.name in exclude:
+            continue
+        group.add_argument(flag_name(field.name), type=field.type, dest=field.name,
+                           choices=field.metadata["choices"], default=None,
+                           help=f"{field.metadata['help']} (default: "
+                                f"{getattr(defaults, field.name)})")
+    return group
+
+
+def flag_values(args) -> Dict[str, Any]:
+    """{field: value} of the recipe flags given on the command line (`add_flags`'s)."""
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)
+            if getattr(args, field.name, None) is not None}
+
+
+# Each network's own recipe: the CapsNet's is the seed project's (the field defaults, which the
+# recipe search on the valid split kept); the CNN's, the same Adam and shifts for the epochs its
+# valid curve settles in (docs/results.md, "Robustness").
+DEFAULT_RECIPES = {"capsnet": Recipe(), "cnn": Recipe(network="cnn", epochs=10)}
+
+
+def default_recipe(network: str) -> Recipe:
+    """The recipe `network` trains with unless told otherwise."""
+    check(network in DEFAULT_RECIPES, "network", f"one of {NETWORK_CHOICES}", network)
+    return DEFAULT_RECIPES[network]

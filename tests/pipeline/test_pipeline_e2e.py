@@ -127,7 +127,7 @@ def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(
     CPU), built from the float32 master weights: no bfloat16 op in it, and on the first 3,000
     official test images its classes are those of the model as trained (with its training dtype
     policy) on >= 99.9 % of them."""
-    from models.capsnet.model import with_dtype_policy
+    from models import networks
     model_dir = os.path.join(runs["nodes"][0]["Trainer"].output("model").uri, "Format-Serving")
     assert bfloat16_ops(model_dir) == set()
     with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:
@@ -140,7 +140,8 @@ def test_default_export_is_a_float32_graph_that_classifies_as_the_trained_model(
     classes = np.concatenate([served(images=tf.constant(images[i:i + 500]))["classes"].numpy()
                               for i in range(0, len(images), 500)])
     float32_model = keras.saving.load_model(os.path.join(model_dir, "keras", "capsnet.keras"))
-    trained = with_dtype_policy(float32_model, SMOKE.recipe.routings, "mixed_bfloat16")
+    trained = networks.with_dtype_policy(networks.CAPSNET, SMOKE.recipe, float32_model,
+                                         "mixed_bfloat16")
     lengths = trained.predict(images[..., None].astype("float32") / 255.0,
                               batch_size=500, verbose=0)["lengths"]
     agree = np.mean(np.argmax(lengths, -1) == classes)

@@ -11,7 +11,9 @@ from keras import ops
 
 from models.capsnet import build_capsnet, compile_capsnet
 from models.capsnet.layers import DigitCaps, squash
-from models.capsnet.model import policy_of, with_dtype_policy
+from models import networks
+from models.capsnet.recipe import Recipe
+from models.networks import policy_of
 
 
 def batch(n=2):
@@ -74,7 +76,8 @@ def test_bfloat16_outputs_equal_float32_with_the_same_weights(mnist_arrays):
     """
     keras.utils.set_random_seed(0)
     _, float32_model = build_capsnet()
-    bf16_model = with_dtype_policy(float32_model, 3, "mixed_bfloat16")
+    bf16_model = networks.with_dtype_policy(networks.CAPSNET, Recipe(routings=3), float32_model,
+                                         "mixed_bfloat16")
     assert policy_of(bf16_model) == "mixed_bfloat16" and policy_of(float32_model) is None
     for a, b in zip(float32_model.weights, bf16_model.weights):
         assert b.dtype == "float32" and np.array_equal(a.numpy(), b.numpy())
@@ -84,7 +87,8 @@ def test_bfloat16_outputs_equal_float32_with_the_same_weights(mnist_arrays):
     assert np.abs(lengths - lengths_ref).max() <= 0.02 * np.abs(lengths_ref).max()
     recon, recon_ref = (ops.convert_to_numpy(ops.cast(o["recon"], "float32")) for o in (out, ref))
     assert np.abs(recon - recon_ref).max() <= 0.02
-    assert with_dtype_policy(float32_model, 3, None) is float32_model
+    assert networks.with_dtype_policy(networks.CAPSNET, Recipe(), float32_model,
+                                      None) is float32_model
 
 
 def test_digit_caps_computes_in_float32_under_a_bfloat16_policy():

@@ -1,4 +1,4 @@
-"""models/capsnet/train.py, the standalone trainer: its augmentation, batches drawn from (seed,
+"""models/train.py, the standalone trainer: its augmentation, batches drawn from (seed,
 epoch), a tiny run that writes the per-epoch valid error, the weights and the final test, the
 seed deciding the run, and weights trained under the JAX backend loading into the
 TensorFlow-backend model."""
@@ -16,7 +16,8 @@ from data import mnist, splits
 from models.capsnet import build_capsnet
 from models.capsnet.model import LENGTHS, RECON
 from models.capsnet.recipe import Recipe
-from models.capsnet import train as standalone
+from models import networks
+from models import train as standalone
 from tests.conftest import REPO
 
 
@@ -112,7 +113,7 @@ def test_tiny_run_writes_valid_error_per_epoch_weights_and_final_test(tiny_run,
     assert final["test_images"] == 20 and final["epochs"] == 2  # 0.2 % of the 10k test images
     assert final["test_error"] == final["test_errors"] / 20 == result["final_test"]["test_error"]
     model, inference_model = build_capsnet()
-    model.load_weights(os.path.join(out, standalone.WEIGHTS_FILE))
+    model.load_weights(os.path.join(out, standalone.weights_file(networks.CAPSNET)))
     test = mnist.load(cache_dir=mnist_cache_dir, allow_network=False)[0]
     assert standalone.count_errors(inference_model, test.x_test[:20], test.y_test[:20],
                                    8) == final["test_errors"]  # of the saved weights
@@ -169,11 +170,12 @@ import json, os, sys
 import keras
 from data import mnist
 from models.capsnet import build_capsnet
-from models.capsnet import train as standalone
+from models import networks
+from models import train as standalone
 out, cache, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
 assert standalone.main(["--output-dir", out, "--data-cache-dir", cache, *flags]) == 0
 train_model, inference_model = build_capsnet()
-train_model.load_weights(os.path.join(out, standalone.WEIGHTS_FILE))
+train_model.load_weights(os.path.join(out, standalone.weights_file(networks.CAPSNET)))
 images = mnist.load(cache_dir=cache, allow_network=False)[0].x_test[:8, :, :, None] / 255.0
 out = inference_model.predict(images.astype("float32"), verbose=0)
 print("RESULT " + json.dumps({"backend": keras.backend.backend(),
@@ -194,7 +196,7 @@ def test_weights_trained_under_jax_load_into_the_tensorflow_model(tmp_path, mnis
     assert [int(r["epoch"]) for r in read_history(out)] == [1, 2]
 
     train_model, inference_model = build_capsnet()  # this process: the TensorFlow backend
-    train_model.load_weights(os.path.join(out, standalone.WEIGHTS_FILE))
+    train_model.load_weights(os.path.join(out, standalone.weights_file(networks.CAPSNET)))
     images = mnist.load(cache_dir=mnist_cache_dir, allow_network=False)[0].x_test[:8, :, :, None]
     images = (images / 255.0).astype("float32")
     out = inference_model.predict(images, verbose=0)
@@ -216,7 +218,7 @@ def test_killed_run_resumes_at_the_next_epoch_with_the_same_command(tmp_path, mn
     import sys
     from tests.conftest import REPO, kill_when
     out = str(tmp_path / "run")
-    command = [sys.executable, "-m", "models.capsnet.train", "--output-dir", out,
+    command = [sys.executable, "-m", "models.train", "--output-dir", out,
                "--data-cache-dir", mnist_cache_dir, "--mixed-precision", "none", "--epochs", "3",
                "--steps-per-epoch", "2", "--batch-size", "8", "--data-fraction", "0.002",
                "--offline"]

