@@ -89,12 +89,15 @@ def policy_of(model: keras.Model) -> Optional[str]:
 
 def with_dtype_policy(network: Network, recipe: Recipe, inference_model: keras.Model,
                       dtype_policy: Optional[str] = None) -> keras.Model:
-    """`inference_model`, or the same network built with `dtype_policy` carrying its weights.
+    """`inference_model` itself where it has `dtype_policy` and no optimizer, else the same
+    network built with `dtype_policy`, uncompiled, carrying its weights: what an export saves
+    (the CNN's inference model is its compiled training model, whose optimizer state would
+    triple the saved file).
 
     The weights are the float32 master weights under every policy, so a bfloat16-trained model
     yields a float32 serving model (and the reverse) without loss.
     """
-    if policy_of(inference_model) == dtype_policy:
+    if policy_of(inference_model) == dtype_policy and inference_model.optimizer is None:
         return inference_model
     _, model = network.build(recipe, dtype_policy)
     model.set_weights(inference_model.get_weights())

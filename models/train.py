@@ -33,8 +33,9 @@ Writes to --output-dir:
   <network>.weights.h5 the training model's weights after the latest epoch, averaged with EMA
                        (load them into the network's train model; the inference model shares
                        every weight)
-  <network>.keras      the trained inference model, once the last epoch is done (export it
-                       with `python -m models.serving --model`)
+  <network>.keras      the trained inference model in the recipe's serving precision, once
+                       the last epoch is done (export it with `python -m models.serving
+                       --model`)
   final_test.json      with --final-test: the error on the official test images (as many as
                        --data-fraction keeps) of the final weights
   checkpoint/          weights, optimizer state (its step count: the schedule's position) and
@@ -353,7 +354,8 @@ def train(args, config: Recipe) -> dict:
         raise RuntimeError(f"training stopped after {initial_epoch + len(report.rows)} of "
                            f"{config.epochs} epochs (non-finite loss?)")
     resume.remove()
-    inference_model.save(os.path.join(args.output_dir, model_file(network)))
+    networks.with_dtype_policy(network, config, inference_model, config.serving_policy()).save(
+        os.path.join(args.output_dir, model_file(network)))
     result = {"valid_error": report.rows[-1]["valid_error"], "history": report.rows,
               "compute": compute}
     if args.final_test:  # fit() has left the final (with EMA: averaged) weights in the model
