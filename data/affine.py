@@ -49,6 +49,14 @@ MIX_SCALE = (0.8, 1.2)
 MIX_TRANSLATION = 3.0
 
 
+def format_magnitude(family: str, magnitude: int) -> str:
+    """A magnitude as people read it: '5 px', '±45°', '×1.20', '±0.40'; '–' for the identity,
+    'random' for the affine mix."""
+    return {"identity": "–", "affine": "random", "translate": f"{magnitude} px",
+            "rotate": f"±{magnitude}°", "scale": f"×{magnitude / 100:.2f}",
+            "shear": f"±{magnitude / 100:.2f}"}[family]
+
+
 class AffineConfigError(ValueError):
     """The robustness split's configuration is malformed."""
 

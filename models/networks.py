@@ -97,7 +97,8 @@ def with_dtype_policy(network: Network, recipe: Recipe, inference_model: keras.M
     The weights are the float32 master weights under every policy, so a bfloat16-trained model
     yields a float32 serving model (and the reverse) without loss.
     """
-    if policy_of(inference_model) == dtype_policy and inference_model.optimizer is None:
+    if policy_of(inference_model) == dtype_policy and not getattr(inference_model, "optimizer",
+                                                                   None):
         return inference_model
     _, model = network.build(recipe, dtype_policy)
     model.set_weights(inference_model.get_weights())

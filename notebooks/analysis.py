@@ -10,6 +10,9 @@ and the examples it read. Cached executions count: TFX records them with the out
   misclassified(model, examples)                  the test digits the model gets wrong
   training_curves(model_run)                      the Trainer's per-epoch TensorBoard scalars
   training_history(store, trainer), epoch_table   the same across the killed runs it resumed
+  latest_robustness, robustness_rows / _examples  the robustness Evaluator (--robustness): the
+                                                  accuracy of both models per transform, and
+                                                  examples with each model's answer
   plot_*                                          static matplotlib figures (render anywhere)
 """
 
@@ -303,6 +306,132 @@ def plot_digits(images: np.ndarray, titles: Sequence[str], cols: int = 10, max_d
 def misclassified_titles(wrong: dict) -> List[str]:
     return [f"{t} → {p} ({s:.2f})"
             for t, p, s in zip(wrong["label"], wrong["predicted"], wrong["score"])]
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness: the CapsNet against the baseline CNN on the affine split (--robustness)
+# --------------------------------------------------------------------------------------------
+
+ROBUSTNESS_NODE = "RobustnessEvaluator"
+
+
+def latest_robustness(store, pipeline_root: str) -> Optional[ComponentRun]:
+    """The newest robustness Evaluator execution under the pipeline root, or None when no run
+    there had --robustness."""
+    try:
+        return mlmd.latest_execution(store, pipeline_root, "Evaluator", node_id=ROBUSTNESS_NODE)
+    except LookupError:
+        return None
+
+
+def robustness_rows(evaluation_uri: str) -> List[dict]:
+    """A row per (family, magnitude) of the affine split, in data.affine.FAMILIES order and by
+    magnitude: {'transform', 'magnitude', 'shown' (as people read it), 'examples', 'capsnet',
+    'cnn'} (the accuracies)."""
+    from data import affine
+    from pipeline import robustness
+
+    results = robustness.accuracies(evaluation_uri)
+    keys = sorted((k for k in results if len(k) == 2),
+                  key=lambda k: (affine.FAMILIES.index(k[0]), k[1]))
+    return [{"transform": family, "magnitude": magnitude,
+             "shown": affine.format_magnitude(family, magnitude),
+             "examples": results[(family, magnitude)].examples,
+             **results[(family, magnitude)].accuracy} for family, magnitude in keys]
+
+
+def robustness_curve(rows: List[dict], family: str) -> List[dict]:
+    """One family's rows from no transform on: the identity first (as magnitude 0, or 100 % for
+    scale, where it sits between 90 % and 110 %), then the family's magnitudes in order."""
+    identity = [dict(r, magnitude=100 if family == "scale" else 0, shown="none")
+                for r in rows if r["transform"] == "identity"]
+    return sorted(identity + [r for r in rows if r["transform"] == family],
+                  key=lambda r: r["magnitude"])
+
+
+def plot_robustness(rows: List[dict], families=("translate", "rotate", "scale", "shear")):
+    """Accuracy against magnitude, one panel per family, the CapsNet against the CNN; a last
+    panel for the affine mix."""
+    import matplotlib.pyplot as plt
+
+    from pipeline import robustness
+
+    fig, axes = plt.subplots(1, len(families) + 1, figsize=(3.2 * (len(families) + 1), 3.2),
+                             dpi=_FIGURE_DPI, squeeze=False)
+    for ax, family in zip(axes[0], families):
+        curve = robustness_curve(rows, family)
+        for model, style in (("capsnet", "o-"), ("cnn", "s--")):
+            ax.plot([r["magnitude"] for r in curve], [r[model] for r in curve], style,
+                    label=robustness.NAMES[model])
+        ax.set_xticks([r["magnitude"] for r in curve], [r["shown"] for r in curve],
+                      fontsize=8)
+        ax.set(title=family, ylim=(0, 1.02), ylabel="accuracy" if family == families[0] else "")
+        ax.grid(alpha=0.3)
+    mix = [r for r in rows if r["transform"] == "affine"]
+    ax = axes[0][-1]
+    if mix:
+        values = [mix[0][m] for m in ("capsnet", "cnn")]
+        bars = ax.bar([robustness.NAMES[m] for m in ("capsnet", "cnn")], values,
+                      color=["tab:blue", "tab:orange"])
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.1%}", (bar.get_x() + bar.get_width() / 2, value),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set(title="affine mix", ylim=(0, 1.02))
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def robustness_examples(examples_dir: str, model_dirs: Dict[str, str], per_transform: int = 5,
+                        largest_only: bool = True) -> dict:
+    """Examples of the affine split with each model's answer: for every family (at its largest
+    magnitude when `largest_only`), its first `per_transform` examples in file order.
+    model_dirs: {'capsnet': SavedModel dir, 'cnn': ...}. Returns {'image', 'label',
+    'transform', 'magnitude', <model>: classes} arrays."""
+    import glob
+
+    import tensorflow as tf
+
+    from components.affine_example_gen import MAGNITUDE_KEY, TRANSFORM_KEY, parse_example
+
+    files = sorted(glob.glob(os.path.join(examples_dir, "*.gz")))
+    rows = []
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        feature = tf.train.Example.FromString(record.numpy()).features.feature
+        image, label = parse_example(record.numpy())
+        rows.append((feature[TRANSFORM_KEY].bytes_list.value[0].decode(),
+                     feature[MAGNITUDE_KEY].int64_list.value[0], image, label))
+    largest = {}
+    for family, magnitude, _, _ in rows:
+        largest[family] = max(largest.get(family, magnitude), magnitude)
+    chosen, taken = [], {}
+    for family, magnitude, image, label in rows:
+        if largest_only and magnitude != largest[family]:
+            continue
+        if taken.get((family, magnitude), 0) < per_transform:
+            taken[(family, magnitude)] = taken.get((family, magnitude), 0) + 1
+            chosen.append((family, magnitude, image, label))
+    from data import affine
+
+    chosen.sort(key=lambda r: (affine.FAMILIES.index(r[0]), r[1]))
+    images = np.stack([r[2] for r in chosen])
+    result = {"image": images, "label": np.array([r[3] for r in chosen]),
+              "transform": np.array([r[0] for r in chosen]),
+              "magnitude": np.array([r[1] for r in chosen])}
+    for name, model_dir in model_dirs.items():
+        result[name] = predict(model_dir, images)[0]
+    return result
+
+
+def robustness_titles(examples: dict) -> List[str]:
+    """'rotate ±45°\n7: C 7 · N 1' per example: the transform, the true digit and each model's
+    answer (C: the CapsNet, N: the CNN)."""
+    from data import affine
+
+    return [f"{family} {affine.format_magnitude(family, magnitude)}\n{label}: C {c} · N {n}"
+            for family, magnitude, label, c, n in zip(
+                examples["transform"], examples["magnitude"], examples["label"],
+                examples["capsnet"], examples["cnn"])]
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ _CACHED = re.compile(r"\babsl: A cached execution \d+ is used\.$")
 _EPOCH = re.compile(r"^Epoch (\d+)/(\d+)$")
 _EPOCH_END = re.compile(r"^(\d+)/\1 - \d+s - (.*)$")   # "550/550 - 267s - 486ms/step - loss: ..."
 _TRAINER = re.compile(r"\babsl: (Trainer: .*)$")
+# The Trainer's first epoch: Keras prints no "Epoch 1/1" line for a run of one epoch.
+_FIRST_EPOCH = re.compile(r"\babsl: Trainer: .*(?:training from|resumed at) epoch (\d+) of (\d+)")
 _OWN = re.compile(r"^(MNIST source: |Compute: |Pipeline root .* is locked)")
 _SUMMARY = re.compile(r"^=== .* ===$")                 # local_runner's summary header
 FAILED = "pipeline run failed"                         # local_runner logs it with the traceback
@@ -118,6 +120,9 @@ class CompactView:
         if (m := _EPOCH_END.match(line)) and self.epoch_started is not None:
             return [f"{clock}    {self._epoch_line(int(m.group(1)), m.group(2), now)}"]
         if m := _TRAINER.search(line):
+            if first := _FIRST_EPOCH.search(line):
+                self.epoch, self.epochs = int(first.group(1)), int(first.group(2))
+                self.epoch_started = now
             return [f"{clock}    {m.group(1)}"]
         if _OWN.match(line):
             return [line]

@@ -8,7 +8,7 @@ TFX records every node's execution in the run's `pipeline_run` context, cached o
 
 import dataclasses
 import os
-from typing import Dict, Iterable, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 from ml_metadata.proto import metadata_store_pb2
 
@@ -70,13 +70,18 @@ def _node_id(store, execution) -> str:
     raise LookupError(f"execution {execution.id} belongs to no node")
 
 
-def latest_execution(store, pipeline_root: str, component: str) -> ComponentRun:
+def latest_execution(store, pipeline_root: str, component: str,
+                     node_id: Optional[str] = None) -> ComponentRun:
     """The newest successful or cached execution of `component` (its class name, e.g.
-    'Evaluator') whose outputs lie under pipeline_root, in whichever run it happened."""
+    'Evaluator') as the pipeline node `node_id` (default: the class name; the robustness
+    evaluation's Evaluator is the node 'RobustnessEvaluator') whose outputs lie under
+    pipeline_root, in whichever run it happened."""
     types = [t.name for t in store.get_execution_types() if t.name.split(".")[-1] == component]
     executions = sorted((e for t in types for e in store.get_executions_by_type(t)
                          if e.last_known_state in _DONE), key=lambda e: e.id, reverse=True)
     for execution in executions:
+        if _node_id(store, execution) != (node_id or component):
+            continue
         run = component_run(store, execution)
         uris = [a.uri for artifacts in run.outputs.values() for a in artifacts]
         if uris and all(_under(uri, pipeline_root) for uri in uris):

@@ -2,6 +2,12 @@
 
 MnistExampleGen -> StatisticsGen -> ImportSchemaGen -> ExampleValidator -> AnomaliesGate
   -> Transform -> Trainer (CapsNet) -> [latest blessed model Resolver] -> Evaluator -> Pusher
+
+With `robustness`, beside it and gating nothing (pipeline/robustness.py):
+MnistExampleGen's test split -> AffineExampleGen -> AffineStatisticsGen, AffineSchemaGen,
+  AffineExampleValidator -> AffineAnomaliesGate
+Transform -> CnnTrainer (the paper's baseline CNN)
+  -> RobustnessEvaluator (the affine split; the CapsNet as candidate, the CNN as baseline)
 """
 
 import hashlib
@@ -14,14 +20,19 @@ from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 
 from components import atomic_pusher, multi_worker_trainer
+from components.affine_example_gen import SPLIT as AFFINE_SPLIT, AffineExampleGen
 from components.anomalies_gate import AnomaliesGate
 from components.mnist_example_gen import MnistExampleGen
-from pipeline import evaluation
+from data.affine import AffineSpec
+from models.capsnet.recipe import Recipe
+from pipeline import evaluation, robustness as robustness_eval
 from pipeline.configs import LOCAL_BEAM_ARGS, LOCAL_BEAM_RUNNER, RunConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEMA_RELPATH = "pipeline/schema.pbtxt"  # in the project, here and in the pipeline image
 SCHEMA_FILE = str(REPO_ROOT / SCHEMA_RELPATH)
+AFFINE_SCHEMA_RELPATH = "pipeline/affine_schema.pbtxt"
+AFFINE_SCHEMA_FILE = str(REPO_ROOT / AFFINE_SCHEMA_RELPATH)
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.trainer.run_fn"
 
@@ -72,6 +83,8 @@ def create_pipeline(
     warm_start: bool = False,
     vertex_training: Optional[dict] = None,
     trainer_workers: int = 1,
+    robustness: bool = False,
+    affine_schema_path: str = AFFINE_SCHEMA_FILE,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline.
 
@@ -97,9 +110,13 @@ def create_pipeline(
         (ENABLE_VERTEX_KEY, VERTEX_REGION_KEY, TRAINING_ARGS_KEY: a Vertex AI CustomJob) that make
         it the Vertex training Trainer: its step submits that job, every replica of which runs
         the same run_fn (kubeflow_runner.py builds them for --trainer-workers).
-      trainer_workers: N > 1: the Trainer trains as N worker processes on this machine
+      trainer_workers: N > 1: the Trainers train as N worker processes on this machine
         (components/multi_worker_trainer.py: TFX's run_executor entry point, one TF_CONFIG each,
         as Vertex runs it); 1: in the Trainer's own process.
+      robustness: add the robustness evaluation (module docstring): the affine split of
+        `config.affine`, the CNN trained with `config.baseline` and an Evaluator of both. It
+        gates nothing; every other component is the same as without it, with the same cache key.
+      affine_schema_path: the robustness split's checked-in schema, as schema_path.
     """
     example_gen = MnistExampleGen(input_base=data_root, valid_size=config.valid_size,
                                   data_fraction=config.data_fraction)
@@ -128,32 +145,39 @@ def create_pipeline(
             model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
         ).with_id("latest_blessed_model_resolver")
     warm = {"base_model": resolver.outputs["model"]} if warm_start else {}
-    trainer_class = (tfx.extensions.google_cloud_ai_platform.Trainer if vertex_training
-                     else tfx.components.Trainer)
     if trainer_workers > 1 and vertex_training:
         raise ValueError("trainer_workers is for local runs; on Vertex the CustomJob's worker "
                          "pools set the workers")
-    local_workers = ({"custom_executor_spec": executor_spec.ExecutorClassSpec(
-        multi_worker_trainer.Executor)} if trainer_workers > 1 else {})
-    trainer = trainer_class(
-        run_fn=RUN_FN,
-        examples=transform.outputs["transformed_examples"],
-        transform_graph=transform.outputs["transform_graph"],
-        train_args=tfx.proto.TrainArgs(
-            splits=["train"], num_steps=config.recipe.epochs * config.train_steps_per_epoch()),
-        eval_args=tfx.proto.EvalArgs(splits=["valid"]),  # all of it, every epoch
-        **warm,
-        **local_workers,
-        custom_config={**config.recipe.to_custom_config(),
-                       "code_fingerprint": code_fingerprint("models"),
-                       # Checkpoints a re-run of the same inputs resumes from (models/trainer.py):
-                       # under the pipeline root, whatever the run's or execution's id.
-                       "resume_root": f"{pipeline_root.rstrip('/')}/Trainer/resume",
-                       **(vertex_training or {}),
-                       **({multi_worker_trainer.WORKERS_KEY: trainer_workers}
-                          if trainer_workers > 1 else {})})
-    if trainer_platform_config is not None:
-        trainer.with_platform_config(trainer_platform_config)
+
+    def make_trainer(node_id: str, recipe: Recipe, **base_model):
+        """A Trainer of `recipe`'s network on the Transform output, with id `node_id`."""
+        trainer_class = (tfx.extensions.google_cloud_ai_platform.Trainer if vertex_training
+                         else tfx.components.Trainer)
+        local_workers = ({"custom_executor_spec": executor_spec.ExecutorClassSpec(
+            multi_worker_trainer.Executor)} if trainer_workers > 1 else {})
+        trainer = trainer_class(
+            run_fn=RUN_FN,
+            examples=transform.outputs["transformed_examples"],
+            transform_graph=transform.outputs["transform_graph"],
+            train_args=tfx.proto.TrainArgs(
+                splits=["train"], num_steps=recipe.epochs * config.train_steps_per_epoch(recipe)),
+            eval_args=tfx.proto.EvalArgs(splits=["valid"]),  # all of it, every epoch
+            **base_model,
+            **local_workers,
+            custom_config={**recipe.to_custom_config(),
+                           "code_fingerprint": code_fingerprint("models"),
+                           # Checkpoints a re-run of the same inputs resumes from
+                           # (models/trainer.py): under the pipeline root, whatever the run's or
+                           # execution's id.
+                           "resume_root": f"{pipeline_root.rstrip('/')}/{node_id}/resume",
+                           **(vertex_training or {}),
+                           **({multi_worker_trainer.WORKERS_KEY: trainer_workers}
+                              if trainer_workers > 1 else {})})
+        if trainer_platform_config is not None:
+            trainer.with_platform_config(trainer_platform_config)
+        return trainer if node_id == "Trainer" else trainer.with_id(node_id)
+
+    trainer = make_trainer("Trainer", config.recipe, **warm)
 
     eval_config = evaluation.make_eval_config(config.max_test_error, sizes["test"],
                                               compare_to_baseline)
@@ -175,6 +199,12 @@ def create_pipeline(
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)))
     components += [evaluator, pusher]
+    if robustness:
+        cnn_trainer = make_trainer("CnnTrainer", config.baseline)
+        cnn_trainer.add_upstream_node(pusher)  # the product first: judged and pushed, then this
+        components += [cnn_trainer, *robustness_components(
+            example_gen, trainer.outputs["model"], cnn_trainer.outputs["model"], config.affine,
+            affine_schema_path)]
 
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name,
@@ -182,4 +212,47 @@ def create_pipeline(
         components=components,
         enable_cache=enable_cache,
         metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=list(beam_pipeline_args))
+
+
+def robustness_components(example_gen, capsnet_model: tfx.dsl.Channel,
+                          cnn_model: tfx.dsl.Channel, spec: AffineSpec,
+                          affine_schema_path: str = AFFINE_SCHEMA_FILE) -> list:
+    """The robustness evaluation's components (module docstring) for two Model channels: the
+    affine split of `spec` with its statistics, schema, validation and gate, and the Evaluator
+    that compares the models on it. No thresholds, no blessing, nothing downstream."""
+    affine = AffineExampleGen(examples=example_gen.outputs["examples"], spec=spec)
+    examples = affine.outputs["affine_examples"]
+    statistics = tfx.components.StatisticsGen(examples=examples).with_id("AffineStatisticsGen")
+    schema = tfx.components.ImportSchemaGen(schema_file=affine_schema_path).with_id(
+        "AffineSchemaGen")
+    validator = tfx.components.ExampleValidator(
+        statistics=statistics.outputs["statistics"],
+        schema=schema.outputs["schema"]).with_id("AffineExampleValidator")
+    gate = AnomaliesGate(anomalies=validator.outputs["anomalies"]).with_id("AffineAnomaliesGate")
+    evaluator = tfx.components.Evaluator(
+        examples=examples, model=capsnet_model, baseline_model=cnn_model,
+        example_splits=[AFFINE_SPLIT],
+        eval_config=robustness_eval.make_eval_config()).with_id("RobustnessEvaluator")
+    evaluator.add_upstream_node(gate)  # an affine split that breaks its schema is not evaluated
+    return [affine, statistics, schema, validator, gate, evaluator]
+
+
+def create_robustness_pipeline(pipeline_name: str, pipeline_root: str, data_root: str,
+                               capsnet_model_uri: str, cnn_model_uri: str, spec: AffineSpec,
+                               metadata_connection_config=None,
+                               beam_pipeline_args: Sequence[str] = ()) -> tfx.dsl.Pipeline:
+    """The robustness evaluation alone, on two trained models instead of two Trainers:
+    MnistExampleGen, the robustness components, and an Importer of each model (a Model
+    artifact dir: the SavedModel in its Format-Serving/, as a Trainer writes it)."""
+    example_gen = MnistExampleGen(input_base=data_root)
+    importers = [tfx.dsl.Importer(source_uri=uri, artifact_type=tfx.types.standard_artifacts.Model
+                                  ).with_id(node_id)
+                 for node_id, uri in (("CapsNetImporter", capsnet_model_uri),
+                                      ("CnnImporter", cnn_model_uri))]
+    return tfx.dsl.Pipeline(
+        pipeline_name=pipeline_name, pipeline_root=pipeline_root,
+        components=[example_gen, *importers, *robustness_components(
+            example_gen, importers[0].outputs["result"], importers[1].outputs["result"], spec)],
+        enable_cache=True, metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=list(beam_pipeline_args))

@@ -5,19 +5,29 @@ CNN as the baseline, both through their `serving_default` signature; accuracy an
 overall, per transform family and per family x magnitude (TFMA computes each for both models and
 their difference). No thresholds: it gates nothing, and TFX writes no blessing for it.
 
-`accuracies` reads its TFMA output back; `summary_lines` are the lines the run's summary adds.
+`accuracies` reads its TFMA output back; `summary_lines` are the lines the run's summary adds;
+`table` is every slice as Markdown. `python -m pipeline.robustness` runs the same evaluation on
+two trained models (the shipped CapsNet, a trained CNN) without training either (`main`).
 """
 
 import dataclasses
+import os
+import shutil
 from typing import Dict, List, Tuple
 
-import tensorflow_model_analysis as tfma
+from models.capsnet import hardware
 
-from components.affine_example_gen import MAGNITUDE_KEY, TRANSFORM_KEY
-from data import affine
-from models import features
-from pipeline.evaluation import ACCURACY
+if __name__ == "__main__":  # TensorFlow's CPU runtime acts only if set before TensorFlow loads
+    hardware.apply_tf_env()
 
+import tensorflow_model_analysis as tfma  # noqa: E402
+
+from components.affine_example_gen import MAGNITUDE_KEY, TRANSFORM_KEY  # noqa: E402
+from data import affine  # noqa: E402
+from models import features  # noqa: E402
+from pipeline.evaluation import ACCURACY  # noqa: E402
+
+ROBUSTNESS_PIPELINE = "capsnet_robustness"  # `main`'s pipeline, beside the product's
 CANDIDATE = "capsnet"
 BASELINE = "cnn"
 NAMES = {CANDIDATE: "CapsNet", BASELINE: "CNN"}
@@ -56,7 +66,8 @@ def accuracies(evaluation_uri: str) -> Dict[Tuple, SliceResult]:
     split), (family,) and (family, magnitude)."""
     results = {}
     for metrics in tfma.load_metrics(evaluation_uri):
-        key = tuple(slice_value(k) for k in metrics.slice_key.single_slice_keys)
+        columns = {k.column: slice_value(k) for k in metrics.slice_key.single_slice_keys}
+        key = tuple(columns[c] for c in (TRANSFORM_KEY, MAGNITUDE_KEY) if c in columns)
         values = {(kv.key.model_name, kv.key.name): kv.value.double_value.value
                   for kv in metrics.metric_keys_and_values if not kv.key.is_diff}
         results[key] = SliceResult(
@@ -78,12 +89,10 @@ def headline_slices(results: Dict[Tuple, SliceResult]) -> List[Tuple]:
 
 
 def describe_slice(family: str, magnitude: int) -> str:
-    """'rotate 45 degrees', 'identity', 'affine mix'."""
-    if family == "identity":
-        return "identity"
-    if family == "affine":
-        return "affine mix"
-    return f"{family} {magnitude} {affine.UNITS[family]}"
+    """'rotate ±45°', 'identity', 'affine mix'."""
+    if family in ("identity", "affine"):
+        return {"identity": "identity", "affine": "affine mix"}[family]
+    return f"{family} {affine.format_magnitude(family, magnitude)}"
 
 
 def summary_lines(evaluation_uri: str) -> List[str]:
@@ -99,3 +108,102 @@ def summary_lines(evaluation_uri: str) -> List[str]:
                      .replace("%", " %"))
     lines.append(f"Robustness TFMA output: {evaluation_uri}")
     return lines
+
+
+def table(results: Dict[Tuple, SliceResult], counts: Dict[str, Dict[str, int]]) -> List[str]:
+    """The robustness evaluation as a Markdown table: a row per (family, magnitude), with the
+    examples kept, redrawn and left out (AffineExampleGen's counts, keyed 'family:magnitude'),
+    each model's accuracy and their difference."""
+    lines = ["| transform | magnitude | examples | redrawn | left out | CapsNet | CNN | "
+             "CapsNet − CNN |", "|---|---|---|---|---|---|---|---|"]
+    keys = sorted((k for k in results if len(k) == 2),
+                  key=lambda k: (affine.FAMILIES.index(k[0]), k[1]))
+    for family, magnitude in keys:
+        result, count = results[(family, magnitude)], counts[f"{family}:{magnitude}"]
+        capsnet, cnn = result.accuracy[CANDIDATE], result.accuracy[BASELINE]
+        lines.append(f"| {family} | {affine.format_magnitude(family, magnitude)} | "
+                     f"{result.examples:,} | "
+                     f"{count['resampled']:,} | {count['rejected']:,} | {capsnet:.2%} | "
+                     f"{cnn:.2%} | {100 * (capsnet - cnn):+.2f} |".replace("%", " %"))
+    return lines
+
+
+def main(argv=None) -> int:
+    """The robustness evaluation on two trained models, without training either: each saved
+    Keras model is exported with the Transform graph as a Trainer exports it, then a pipeline of
+    MnistExampleGen, the robustness components and an Importer per model runs on this machine
+    (LocalDagRunner, SQLite ML Metadata under --output-dir; a re-run reuses what it can). Prints
+    the summary lines and the table of every slice."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.robustness", description=main.__doc__)
+    p.add_argument("--capsnet", required=True,
+                   help="the CapsNet's .keras inference model (e.g. pretrained/capsnet_mnist.keras)")
+    p.add_argument("--cnn", required=True,
+                   help="the baseline CNN's .keras inference model (python -m models.train "
+                        "--network cnn writes cnn.keras)")
+    p.add_argument("--transform-graph", default="pretrained/transform_graph",
+                   help="a Transform output dir (pixels / 255; default: %(default)s)")
+    p.add_argument("--output-dir", required=True,
+                   help="the exported models, pipeline root and metadata go here")
+    p.add_argument("--images", type=int,
+                   help="transform only this many test images (a fixed sample; default: all)")
+    p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
+    p.add_argument("--data-cache-dir", help="MNIST cache, as local_runner.py --data-cache-dir")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    for flag in ("capsnet", "cnn", "transform_graph"):
+        if not os.path.exists(getattr(args, flag)):
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
+    try:
+        spec = affine.AffineSpec(images=args.images)
+    except affine.AffineConfigError as e:
+        p.error(str(e))
+
+    from data import mnist
+    from ml_metadata.metadata_store import metadata_store
+    from tfx import v1 as tfx
+    from components.affine_example_gen import read_counts
+    from pipeline import mlmd
+    from pipeline.pipeline import create_robustness_pipeline, local_beam_args
+
+    npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
+    print(f"MNIST source: {source}", flush=True)
+    uris = {name: export_model(path, args.transform_graph,
+                               os.path.join(args.output_dir, "models", name))
+            for name, path in ((CANDIDATE, args.capsnet), (BASELINE, args.cnn))}
+    metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(
+        os.path.join(args.output_dir, "metadata.sqlite"))
+    tfx.orchestration.LocalDagRunner().run(create_robustness_pipeline(
+        ROBUSTNESS_PIPELINE, os.path.join(args.output_dir, "pipeline_root"),
+        os.path.dirname(npz_path), uris[CANDIDATE], uris[BASELINE], spec, metadata,
+        local_beam_args()))
+    nodes = mlmd.latest_run(metadata_store.MetadataStore(metadata), ROBUSTNESS_PIPELINE)
+    evaluation = nodes["RobustnessEvaluator"].output("evaluation").uri
+    counts = read_counts(nodes["AffineExampleGen"].output("affine_examples").uri)
+    print("\n".join(["", *summary_lines(evaluation), "", *table(accuracies(evaluation), counts)]))
+    return 0
+
+
+def export_model(keras_path: str, transform_graph: str, model_dir: str) -> str:
+    """`model_dir`, a Model artifact dir holding the SavedModel of the .keras file with the
+    Transform graph in Format-Serving/ (what a Trainer writes), exported once: an existing
+    export is reused."""
+    serving_dir = os.path.join(model_dir, "Format-Serving")
+    if not os.path.exists(serving_dir):
+        import keras
+        import tensorflow_transform as tft
+
+        import models.capsnet  # noqa: F401  registers the CapsNet's layers
+        from models import serving
+
+        temporary = serving_dir + ".partial"
+        shutil.rmtree(temporary, ignore_errors=True)
+        serving.export_serving_model(keras.saving.load_model(keras_path, compile=False),
+                                     tft.TFTransformOutput(transform_graph), temporary)
+        os.replace(temporary, serving_dir)
+    return os.path.abspath(model_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

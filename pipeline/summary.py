@@ -18,7 +18,7 @@ from tfx.utils import path_utils
 
 from models import serving
 from models.capsnet import hardware
-from pipeline import console, mlmd
+from pipeline import console, mlmd, robustness
 from pipeline.evaluation import ACCURACY
 
 def overall_metrics(evaluation_uri: str) -> Dict[str, float]:
@@ -82,6 +82,7 @@ class RunSummary:
     cached_nodes: List[str]
     trained_with: Dict[str, str] = dataclasses.field(default_factory=dict)  # hardware.describe
     training_time: Optional["TrainingTime"] = None
+    robustness: List[str] = dataclasses.field(default_factory=list)  # with --robustness
 
     def format(self) -> str:
         errors = round(self.test_error * self.test_examples)
@@ -101,6 +102,7 @@ class RunSummary:
             *([self.training_time.format()] if self.training_time else []),
             f"TensorBoard logs: {self.tensorboard_uri}",
             f"Served from cache: {', '.join(self.cached_nodes) or 'nothing'}",
+            *self.robustness,
         ])
 
 
@@ -166,7 +168,21 @@ def summarize(connection_config: metadata_store_pb2.ConnectionConfig, pipeline_n
         tensorboard_uri=nodes["Trainer"].output("model_run").uri,
         cached_nodes=[node for node, run in nodes.items() if run.cached],
         trained_with=trained_with(nodes["Trainer"].output("model").uri),
-        training_time=training_time(store, nodes["Trainer"]))
+        training_time=training_time(store, nodes["Trainer"]),
+        robustness=robustness_lines(nodes))
+
+
+def robustness_lines(nodes: Dict[str, mlmd.ComponentRun]) -> List[str]:
+    """The robustness evaluation's lines (pipeline/robustness.py) when the run had one: the
+    affine split's size, what keeping the digits in the frame cost, and the accuracies."""
+    if "RobustnessEvaluator" not in nodes:
+        return []
+    split = nodes["AffineExampleGen"].output("affine_examples").custom_properties
+    kept, resampled, rejected = (split[name].int_value
+                                 for name in ("kept", "resampled", "rejected"))
+    return [f"Affine split: {kept} examples; {resampled} transforms redrawn and {rejected} "
+            f"examples left out to keep the digit in the frame",
+            *robustness.summary_lines(nodes["RobustnessEvaluator"].output("evaluation").uri)]
 
 
 def trained_with(model_uri: str) -> Dict[str, str]:

@@ -60,11 +60,12 @@ def serving_versions(out):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, mnist_cache_dir):
-    """Three smoke runs on one output dir: as is, the same again, then with a bar it passes."""
+    """Three smoke runs on one output dir: as is, the same again, then with a bar it passes and
+    the robustness evaluation (--robustness)."""
     out = tmp_path_factory.mktemp("smoke")
     flags = ["--preset", "smoke", "--data-cache-dir", mnist_cache_dir]
     result = {"out": out, "flags": flags, "stdout": [], "nodes": []}
-    for extra in ([], [], ["--max-test-error", "1.0"]):
+    for extra in ([], [], ["--max-test-error", "1.0", "--robustness"]):
         result["stdout"].append(run_local(out, *flags, *extra).stdout)
         result["nodes"].append(latest_nodes(out))
         if len(result["nodes"]) == 1:

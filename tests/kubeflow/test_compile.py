@@ -15,8 +15,8 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from models.capsnet.recipe import Recipe
 from pipeline import configs, evaluation, pipeline as pipeline_module
-from tests.kubeflow.conftest import (BUCKET, DATAFLOW_ARGS, IMAGE, compile_kfp, compiled_edges,
-                                     dependency_edges)
+from tests.kubeflow.conftest import (BUCKET, DATAFLOW_ARGS, DATAFLOW_FLAGS, IMAGE, compile_kfp,
+                                     compiled_edges, dependency_edges)
 
 RESOLVER = "latest_blessed_model_resolver"
 V2_ENTRYPOINT = ["python", "-m", "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor"]
@@ -220,3 +220,29 @@ def test_vertex_trainer_workers_compile_a_vertex_training_job_of_a_chief_and_wor
     assert compiled.parameter("Trainer", "run_fn") == pipeline_module.RUN_FN
     for task in ("MnistExampleGen", "StatisticsGen", "Transform", "Evaluator"):
         assert compiled.executor(task)["args"][-3:] == list(configs.LOCAL_BEAM_ARGS), task
+
+
+def test_robustness_compiles_beside_the_same_product_steps(tmp_path, kfp_compiled):
+    """--robustness adds the affine split's steps, the CNN's Trainer (its own GPUs) and the
+    robustness Evaluator, with the local pipeline's edges; every product step compiles exactly
+    as without the flag; the affine schema is read from the image."""
+    from pipeline.pipeline import create_pipeline
+
+    compiled = compile_kfp(
+        tmp_path, "--image", IMAGE, "--pipeline-root", f"{BUCKET}/root", "--data-root",
+        f"{BUCKET}/mnist", "--serving-dir", f"{BUCKET}/serving", "--gpus", "2",
+        *DATAFLOW_FLAGS, "--robustness")
+    added = {"AffineExampleGen", "AffineStatisticsGen", "AffineSchemaGen",
+             "AffineExampleValidator", "AffineAnomaliesGate", "CnnTrainer",
+             "RobustnessEvaluator"}
+    assert set(compiled.tasks) == set(kfp_compiled.tasks) | added
+    for name in kfp_compiled.tasks:
+        assert compiled.tasks[name] == kfp_compiled.tasks[name], name
+    local = create_pipeline(configs.PIPELINE_NAME, "/tmp/unused/root", "/tmp/unused/mnist",
+                            "/tmp/unused/serving", configs.preset("full"),
+                            compare_to_baseline=False, robustness=True)
+    assert dependency_edges(local) == compiled_edges(compiled)
+    assert int(compiled.executor("CnnTrainer")["resources"]["accelerator"]["count"]) == 2
+    assert compiled.parameter("AffineSchemaGen", "schema_file") == \
+        "/pipeline/" + pipeline_module.AFFINE_SCHEMA_RELPATH
+    assert json.loads(compiled.parameter("RobustnessEvaluator", "example_splits")) == ["affine"]

@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 from tfx import v1 as tfx
 
 from models.capsnet import visualize
-from pipeline import configs, summary
+from pipeline import configs, mlmd, summary
 from pipeline.evaluation import ACCURACY
 from tests.conftest import latest_nodes, run_local
 
@@ -38,8 +38,7 @@ def latest_evaluator_execution(out) -> int:
     config = tfx.orchestration.metadata.sqlite_metadata_connection_config(
         str(out / "metadata.sqlite"))
     store = metadata_store.MetadataStore(config)
-    return max(e.id for e in store.get_executions_by_type(
-        "tfx.components.evaluator.component.Evaluator"))
+    return mlmd.latest_execution(store, str(out / "pipeline_root"), "Evaluator").execution.id
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +100,10 @@ def analysis_nb(run, tmp_path_factory):
     report = ("{'evaluation_uri': EVALUATION_URI, 'model_dir': MODEL_DIR, 'overall': overall, "
               "'blessed': blessed, 'validation': validation.to_dict('records'), "
               "'per_digit': per_digit['example_count'].to_dict(), "
-              "'confusion': confusion.tolist(), 'misclassified': len(wrong['index'])}")
+              "'confusion': confusion.tolist(), 'misclassified': len(wrong['index']), "
+              "'robustness_uri': ROBUSTNESS_URI, 'robustness_rows': robustness_rows, "
+              "'robustness_examples': {k: v.tolist() for k, v in robustness_examples.items() "
+              "if k != 'image'}}")
     return execute("model_analysis.ipynb",
                    {"PIPELINE_ROOT": str(run["out"] / "pipeline_root"), "METADATA_PATH": None,
                     "MAX_MISCLASSIFIED": 100},
@@ -166,6 +168,32 @@ def test_analysis_shows_the_misclassified_digits(analysis_nb):
     assert len(png_sizes(tagged(nb, "misclassified"))) == 1
     assert f"{values['misclassified']} of {N_TEST} test digits misclassified" in text_of(
         tagged(nb, "misclassified"))
+
+
+def test_analysis_shows_the_robustness_of_both_models_per_transform(run, analysis_nb):
+    """The run had --robustness (the third of the `runs` fixture): the notebook finds its
+    Evaluator through ML Metadata, plots and tabulates every slice of TFMA's output, and shows
+    examples with each model's answer, the answers the Evaluator scored."""
+    from pipeline import robustness
+
+    nb, values = analysis_nb
+    uri = run["nodes"]["RobustnessEvaluator"].output("evaluation").uri
+    assert values["robustness_uri"] == uri
+    results = robustness.accuracies(uri)
+    rows = values["robustness_rows"]
+    assert {(r["transform"], r["magnitude"]) for r in rows} == {k for k in results
+                                                                if len(k) == 2}
+    for r in rows:
+        result = results[(r["transform"], r["magnitude"])]
+        assert (r["capsnet"], r["cnn"], r["examples"]) == pytest.approx(
+            (result.accuracy["capsnet"], result.accuracy["cnn"], result.examples))
+    assert len(png_sizes(tagged(nb, "robustness-plot"))) == 1
+    examples = values["robustness_examples"]
+    assert set(examples["transform"]) == {r["transform"] for r in rows}
+    assert len(examples["capsnet"]) == len(examples["cnn"]) == len(examples["label"]) > 0
+    assert len(png_sizes(tagged(nb, "robustness-examples"))) == 1
+    widget = tagged(nb, "robustness-widget")
+    assert not [o for o in widget.outputs if o.output_type == "error"]
 
 
 def test_pictures_notebook_writes_and_shows_the_pngs(run, pictures_nb):

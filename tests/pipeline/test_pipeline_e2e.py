@@ -3,7 +3,9 @@
 The `runs` fixture (tests/conftest.py) makes three runs on one pipeline root and metadata store:
   1. smoke preset: every component runs; the model is NOT blessed at 0.4 % and nothing is pushed;
   2. the same command again: every component is served from cache;
-  3. a bar the smoke model passes: only Evaluator (and Pusher) run again; BLESSED and pushed.
+  3. a bar the smoke model passes, and --robustness: only Evaluator (and Pusher) of the product
+     run again, BLESSED and pushed; the robustness components run beside them
+     (tests/pipeline/test_robustness_e2e.py checks what they make).
 """
 
 import glob
@@ -27,6 +29,9 @@ SMOKE = configs.PRESETS["smoke"]
 ALL_NODES = {"MnistExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator",
              "AnomaliesGate", "Transform", "Trainer", "latest_blessed_model_resolver",
              "Evaluator", "Pusher"}
+ROBUSTNESS_NODES = ("AffineExampleGen", "AffineStatisticsGen", "AffineSchemaGen",
+                    "AffineExampleValidator", "AffineAnomaliesGate", "CnnTrainer",
+                    "RobustnessEvaluator")
 
 
 def count_records(pattern):
@@ -216,10 +221,13 @@ def test_terminal_shows_a_compact_view_and_the_full_log_goes_to_a_file(runs):
 
 
 def test_passing_bar_blesses_and_pushes_a_versioned_model(runs):
+    """The third run also adds --robustness: its components run, and the product's are those
+    of the runs without it (the Trainer and everything upstream from cache)."""
     nodes = runs["nodes"][2]
-    rerun = {n for n, r in nodes.items() if not r.cached}
+    rerun = {n for n, r in nodes.items() if not r.cached} - set(ROBUSTNESS_NODES)
     assert {"Evaluator", "Pusher"} <= rerun <= {"Evaluator", "Pusher",
                                                "latest_blessed_model_resolver"}
+    assert set(nodes) - set(runs["nodes"][0]) == set(ROBUSTNESS_NODES)
     assert nodes["Evaluator"].output("blessing").custom_properties["blessed"].int_value == 1
     pushed = nodes["Pusher"].output("pushed_model").custom_properties
     assert pushed["pushed"].int_value == 1
