@@ -71,9 +71,9 @@ class Run:
 def plan(args) -> List[Run]:
     """The runs of one round, in the order they run."""
     train = ("-m", "bench.train_throughput", "--mode", "train", "--steps", str(args.train_steps),
-             "--warmup", str(args.warmup), "--batch", str(TARGET_BATCH), *args.ours_args)
+             "--warmup", str(args.warmup), "--batch-size", str(TARGET_BATCH), *args.ours_args)
     serve = ("-m", "bench.train_throughput", "--mode", "serve", "--steps", str(args.serve_steps),
-             "--warmup", str(args.warmup), "--batch", str(TARGET_BATCH), *args.ours_args)
+             "--warmup", str(args.warmup), "--batch-size", str(TARGET_BATCH), *args.ours_args)
 
     def ours(cwd, prefix, tag):
         return [

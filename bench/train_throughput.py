@@ -1,6 +1,7 @@
 """Throughput of what the Trainer and the serving signature really run, on the real MNIST.
 
-  python -m bench.train_throughput --mode train [--steps 10] [--warmup 3] [--batch 100]
+  python -m bench.train_throughput --mode train [--steps 10] [--warmup 3] [--batch-size 100]
+      [--network cnn]
       The Trainer's training step: `models.trainer.build_models` (the same MirroredStrategy, model,
       losses and Adam as run_fn) fed by `models.trainer.train_batches` (tfxio parsing of
       transformed tf.Examples, shuffling, batching, ±max_shift px random shifts, prefetch) through
@@ -26,7 +27,7 @@
   python -m bench.train_throughput --mode matmul
       The ceiling for --mode primarycaps on this machine: the convolution's three GEMMs
       (forward [36B, 20736] x [20736, 256], input gradient [36B, 256] x [256, 20736], kernel
-      gradient [20736, 36B] x [36B, 256], B = --batch) each timed as one plain matmul in the
+      gradient [20736, 36B] x [36B, 256], B = --batch-size) each timed as one plain matmul in the
       compute dtype, on random inputs; the per-step figures are their sum, and "gemms" gives
       each GEMM's median ms and GFLOP/s.
   python -m bench.train_throughput --mode serve [--model DIR]
@@ -45,7 +46,7 @@ Flags that must act before TensorFlow starts (the script imports TF only after p
   --workers N        train: N processes of this script on 127.0.0.1, one TF_CONFIG each
                      (components/multi_worker_trainer.py's cluster), training under
                      MultiWorkerMirroredStrategy as the Trainer does with --trainer-workers N
-                     (the same launcher, components.multi_worker_trainer.run_workers); --batch
+                     (the same launcher, components.multi_worker_trainer.run_workers); --batch-size
                      stays the global batch; the JSON line is worker 0's (the chief), the
                      others' lines come after a "worker <i>: " prefix
   --tf-defaults      TensorFlow's default CPU runtime, instead of the one
@@ -54,6 +55,7 @@ Flags that must act before TensorFlow starts (the script imports TF only after p
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -61,8 +63,8 @@ import sys
 import tempfile
 import time
 
-from models.capsnet.hardware import MIXED_PRECISION_CHOICES  # light: no TensorFlow
-from models.capsnet.recipe import SERVING_PRECISION_CHOICES, Recipe
+from models.capsnet import recipe  # light: no TensorFlow
+from models.capsnet.recipe import Recipe, default_recipe
 
 MODES = ("train", "input", "serve", "digitcaps", "primarycaps", "matmul")
 
@@ -74,13 +76,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps first; at least 1, the first step traces (default: 3)")
-    p.add_argument("--batch", type=int, default=100, help="global batch size (default: 100)")
     p.add_argument("--examples", type=int, default=5000,
                    help="train/input: distinct MNIST training images in the dataset, repeated "
                         "(default: 5000)")
-    p.add_argument("--max-shift", type=int, default=2,
-                   help="train/input: random shift of up to ±px, as the recipe (default: 2)")
-    p.add_argument("--routings", type=int, default=3, help="routing iterations (default: 3)")
     p.add_argument("--chunks", type=int,
                    help="digitcaps: chunks of children to route over (default: the layer's "
                         "choice for the batch, models.capsnet.kernels._chunk_count)")
@@ -90,12 +88,6 @@ def parse_args(argv):
     p.add_argument("--jit-compile", action="store_true",
                    help="digitcaps: compile the timed step with XLA (default: off, as the "
                         "model runs)")
-    p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_CHOICES,
-                   help="train/digitcaps/primarycaps/matmul: the compute dtype, chosen as the "
-                        "Trainer does (models/capsnet/hardware.py; default: auto)")
-    p.add_argument("--serving-precision", default="float32",
-                   choices=SERVING_PRECISION_CHOICES,
-                   help="serve: the fresh export's compute dtype (default: float32)")
     p.add_argument("--model", help="serve: exported SavedModel dir (default: export a fresh, "
                                    "untrained model with a tf.Transform graph to a temp dir)")
     p.add_argument("--cpu-replicas", type=int, default=0,
@@ -107,12 +99,28 @@ def parse_args(argv):
                         "chooses, models.capsnet.hardware.apply_tf_env)")
     p.add_argument("--data-path", help="MNIST source, as local_runner.py --data-path")
     p.add_argument("--data-cache-dir", help="MNIST cache dir, as local_runner.py --data-cache-dir")
+    recipe.add_flags(p, Recipe(), title="the recipe timed (models/capsnet/recipe.py; defaults: "
+                     "the network's own, those shown are the CapsNet's): --batch-size is the "
+                     "timed batch, --network (train, input, serve) the network; train and input "
+                     "shift by --max-shift, the CapsNet routes --routings times, and the modes "
+                     "compute in --mixed-precision (serve: --serving-precision)")
     args = p.parse_args(argv)
-    for name in ("steps", "warmup", "batch", "examples", "routings"):
+    for name in ("steps", "warmup", "examples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.max_shift < 14:
-        p.error("--max-shift must be in [0, 14)")
+    try:
+        args.recipe = dataclasses.replace(default_recipe(args.network or "capsnet"),
+                                          **recipe.flag_values(args))
+    except ValueError as e:
+        p.error(str(e))
+    # What the modes read, from the recipe.
+    args.batch, args.max_shift, args.routings = (args.recipe.batch_size, args.recipe.max_shift,
+                                                 args.recipe.routings)
+    args.mixed_precision = args.recipe.mixed_precision
+    args.serving_precision = args.recipe.serving_precision
+    if args.recipe.network != "capsnet" and args.mode not in ("train", "input", "serve"):
+        p.error(f"--mode {args.mode} times a part of the CapsNet; --network "
+                f"{args.recipe.network} is for --mode train, input and serve")
     if args.cpu_replicas < 0:
         p.error("--cpu-replicas must be >= 0")
     if args.workers < 1:
@@ -133,6 +141,27 @@ def parse_args(argv):
 
 
 # --------------------------------------------------------------------------------- model FLOPs
+
+def cnn_flops_per_image():
+    """FLOPs (2 x multiply-adds) per 28x28 image of the baseline CNN (models/cnn): three 5x5
+    SAME convolutions on the 28x28 grid and three dense layers, 3.9 GFLOP forward.
+
+    forward   conv1 + conv2 + conv3 + fc1 + fc2 + fc3
+    serve     the forward
+    train     3 x forward, less conv1's input gradient (never needed)
+    """
+    conv1, conv2, conv3 = (28 * 28 * c_out * 25 * c_in
+                           for c_in, c_out in ((1, 256), (256, 256), (256, 128)))
+    dense = 28 * 28 * 128 * 328 + 328 * 192 + 192 * 10
+    forward = conv1 + conv2 + conv3 + dense
+    return {"forward": 2 * forward, "serve": 2 * forward, "train": 2 * (3 * forward - conv1)}
+
+
+def flops_per_image(config: Recipe) -> dict:
+    """The FLOPs per image of the recipe's network."""
+    return (capsnet_flops_per_image(config.routings) if config.network == "capsnet"
+            else cnn_flops_per_image())
+
 
 def capsnet_flops_per_image(routings=3):
     """FLOPs (2 x multiply-adds) per 28x28 image, capsnet-spec.md section 11.
@@ -256,14 +285,12 @@ def time_steps(step, args):
 
 def bench_train(args, mnist, work_dir):
     import keras
-    from models import trainer
-    from models.capsnet.model import DIGIT_CAPS
+    from models import networks, trainer
 
     cluster = trainer.tf_config()
     strategy = trainer.make_strategy(cluster)  # first: multi-worker collectives need it
     dataset = trainer_dataset(args, mnist, work_dir)
-    config = Recipe(epochs=1, batch_size=args.batch, max_shift=args.max_shift,
-                    routings=args.routings, mixed_precision=args.mixed_precision)
+    config = dataclasses.replace(args.recipe, epochs=1)
     _, train_model, _ = trainer.build_models(config, args.warmup + args.steps, strategy)
 
     class StepTimer(keras.callbacks.Callback):
@@ -281,9 +308,10 @@ def bench_train(args, mnist, work_dir):
                   callbacks=[trainer.StopOnNonFiniteLoss(), timer])
     result = timer.clock.summary(args.batch, first=args.warmup - 1)
     result.update(workers=trainer.cluster_size(cluster), replicas=strategy.num_replicas_in_sync,
-                  compute_dtype=train_model.get_layer(DIGIT_CAPS).compute_dtype,
+                  network=config.network,
+                  compute_dtype=train_model.get_layer(networks.FIRST_LAYER).compute_dtype,
                   loss_first=round(timer.losses[0], 5), loss_last=round(timer.losses[-1], 5))
-    return result, capsnet_flops_per_image(args.routings)["train"]
+    return result, flops_per_image(config)["train"]
 
 
 def bench_input(args, mnist, work_dir):
@@ -424,8 +452,9 @@ def compute_dtype(args):
     return hardware.describe(compute_policy(args))["compute_dtype"]
 
 
-def export_fresh_model(work_dir, routings, serving_precision="float32"):
-    """An untrained CapsNet exported by models.serving with a real Transform graph; its dir."""
+def export_fresh_model(work_dir, config: Recipe):
+    """An untrained model of the recipe's network, in its serving precision, exported by
+    models.serving with a real Transform graph; its dir."""
     import apache_beam as beam
     import numpy as np
     import tensorflow as tf
@@ -434,8 +463,7 @@ def export_fresh_model(work_dir, routings, serving_precision="float32"):
     from apache_beam.options.pipeline_options import PipelineOptions
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io, schema_utils
 
-    from models import features, preprocessing, serving
-    from models.capsnet import build_capsnet
+    from models import features, networks, preprocessing, serving
     from pipeline import configs
 
     raw_spec = {features.IMAGE_KEY: tf.io.FixedLenFeature([1], tf.string),
@@ -451,8 +479,7 @@ def export_fresh_model(work_dir, routings, serving_precision="float32"):
             _ = transform_fn | tft_beam.WriteTransformFn(transform_dir)
     metadata_io.write_metadata(raw_metadata,
                                os.path.join(transform_dir, tft.TFTransformOutput.RAW_METADATA_DIR))
-    policy = Recipe(serving_precision=serving_precision).serving_policy()
-    _, inference_model = build_capsnet(routings=routings, dtype_policy=policy)
+    _, inference_model = networks.get(config.network).build(config, config.serving_policy())
     model_dir = os.path.join(work_dir, "serving_model")
     serving.export_serving_model(inference_model, tft.TFTransformOutput(transform_dir), model_dir)
     return model_dir
@@ -462,8 +489,7 @@ def bench_serve(args, mnist, work_dir):
     import tensorflow as tf
     from models import features, serving
 
-    model_dir = args.model or export_fresh_model(work_dir, args.routings,
-                                                 args.serving_precision)
+    model_dir = args.model or export_fresh_model(work_dir, args.recipe)
     signature = tf.saved_model.load(model_dir).signatures[serving.IMAGES_SIGNATURE]
     n_batches = max(1, len(mnist.x_test) // args.batch)
     batches = [tf.constant(mnist.x_test[i * args.batch:(i + 1) * args.batch])
@@ -480,7 +506,7 @@ def bench_serve(args, mnist, work_dir):
         serving_dtype = json.load(f).get("serving_compute_dtype", "float32")  # older exports
     result.update(model=args.model or "fresh untrained export", signature=serving.IMAGES_SIGNATURE,
                   compute_dtype=serving_dtype)
-    return result, capsnet_flops_per_image(args.routings)["serve"]
+    return result, flops_per_image(args.recipe)["serve"]
 
 
 def main(argv=None) -> int:

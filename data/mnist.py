@@ -1,8 +1,10 @@
 """MNIST, byte-exact and verified, whatever the source.
 
 Every consumer (the ExampleGen, the trainer, the tests) reads one file: the canonical `mnist.npz`
-in a cache directory, written here and only after its arrays matched the SHA-256 identity hashes
-in DATA.md. Where the bytes come from is a detail of `ensure_cached`, tried in this order:
+in a cache directory, written here and only after its arrays matched the identity of the data
+set, `EXPECTED_SHAPES` and `EXPECTED_SHA256` below (the SHA-256 of each array's bytes in C order,
+the same whatever file or format they came in). Where the bytes come from is a detail of
+`ensure_cached`, tried in this order:
 
   1. an explicit `path` (a directory with the four official IDX files, or a Keras-style .npz);
      a bad explicit path is an error, never silently skipped;
@@ -115,7 +117,7 @@ def _describe(a) -> str:
 
 
 def sha256_of(a: np.ndarray) -> str:
-    """SHA-256 hex digest of the array's bytes in C order (the identity used in DATA.md)."""
+    """SHA-256 hex digest of the array's bytes in C order (the identity `EXPECTED_SHA256` holds)."""
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 

@@ -1,11 +1,11 @@
 """The record of a recipe search for docs/results.md: the per-epoch valid curves of standalone
-trainer runs (`python -m models.capsnet.train`, each in its own --output-dir) side by side.
+trainer runs (`python -m models.train`, each in its own --output-dir) side by side.
 
     python -m notebooks.recipe_search --record docs/data/recipe_search_valid_errors.csv \
         --out docs/images/recipe-search/valid_curves.png [NAME=DIR ...] [--save-record]
 
 NAME=DIR names a run (a bare DIR is named after its last path component). Reads DIR/history.csv
-(models.capsnet.train.HISTORY_FIELDS), prints a Markdown table of the valid errors per epoch (one
+(models.train.HISTORY_FIELDS), prints a Markdown table of the valid errors per epoch (one
 column a run; a run still going has blank cells past its last epoch) and each run's summary
 (last epoch, fewest valid errors and where, median seconds an epoch), and draws the valid error
 of every run against the epoch into one PNG. Reads only the valid split's figures: the test split

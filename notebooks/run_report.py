@@ -2,7 +2,7 @@
 Markdown, from ML Metadata, the TFMA output and the Trainer's TensorBoard events (analysis.py's
 functions, as the notebooks use them).
 
-    python -m notebooks.run_report --pipeline-root ~/capsnet-full/pipeline_root \
+    python -m notebooks.run_report --pipeline-root $OUT/pipeline_root \
         --out docs/images/full-run
 
 writes training_curves.png, per_digit.png and confusion_matrix.png under --out and prints the

@@ -8,8 +8,9 @@ import dataclasses
 import math
 import os
 
+from data.affine import AffineSpec
 from data.splits import DEFAULT_VALID_SIZE, OFFICIAL_SIZES, split_sizes
-from models.capsnet.recipe import Recipe, check  # light: no Keras, no TensorFlow
+from models.capsnet.recipe import Recipe, check, default_recipe  # light: no Keras, no TF
 
 PIPELINE_NAME = "capsnet_mnist"
 
@@ -31,16 +32,20 @@ class RunConfig:
 
     data_fraction    first round(fraction * n) examples of each split (train/valid/test)
     valid_size       official training images held out for validation (the last ones)
-    steps_per_epoch  None: one pass over the train split per epoch
+    steps_per_epoch  None: one pass over the train split per epoch (both networks)
     max_test_error   the blessing bar on the test split
     recipe           how the CapsNet is trained (models/capsnet/recipe.py: epochs, batch size,
                      learning-rate schedule, shifts, routings, compute and serving dtypes)
+    baseline         how the baseline CNN of the robustness evaluation is trained
+    affine           the robustness split's transforms (data/affine.py)
     """
     data_fraction: float = 1.0
     valid_size: int = DEFAULT_VALID_SIZE
     steps_per_epoch: int | None = None
     max_test_error: float = MAX_TEST_ERROR
     recipe: Recipe = Recipe()
+    baseline: Recipe = default_recipe("cnn")
+    affine: AffineSpec = AffineSpec()
 
     def __post_init__(self):
         check(0.0 < self.data_fraction <= 1.0, "data_fraction", "in (0, 1]", self.data_fraction)
@@ -49,49 +54,54 @@ class RunConfig:
         if self.steps_per_epoch is not None:
             check(self.steps_per_epoch > 0, "steps_per_epoch", "> 0", self.steps_per_epoch)
         check(0 <= self.max_test_error <= 1, "max_test_error", "in [0, 1]", self.max_test_error)
+        check(self.recipe.network == "capsnet", "recipe.network", "'capsnet'",
+              self.recipe.network)
+        check(self.baseline.network == "cnn", "baseline.network", "'cnn'", self.baseline.network)
 
     def split_sizes(self) -> dict:
         """Examples per split: {'train': ..., 'valid': ..., 'test': ...}."""
         return split_sizes(self.valid_size, self.data_fraction)
 
-    def train_steps_per_epoch(self) -> int:
-        return (self.steps_per_epoch
-                or math.ceil(self.split_sizes()["train"] / self.recipe.batch_size))
+    def train_steps_per_epoch(self, recipe: Recipe | None = None) -> int:
+        """Training steps per epoch of `recipe` (default: the CapsNet's)."""
+        batch_size = (recipe or self.recipe).batch_size
+        return self.steps_per_epoch or math.ceil(self.split_sizes()["train"] / batch_size)
 
 
-# The product's recipe: the one the recipe search on the valid split picked (docs/results.md,
-# "Recipe search"). The seed's: 15 valid errors of 5,000 at epoch 50, where the cosine schedules
-# with weight averaging ended at 18-25 over every budget from 10 to 50 epochs.
+# The product's recipe: the seed project's, which the recipe search on the valid split kept
+# (docs/results.md): no shorter schedule blessed with a margin.
 FULL = RunConfig()
 
 PRESETS = {
     # The whole pipeline on ~3,500 real examples in a few minutes on 2 CPU cores. Far too little
-    # training for 0.4 %: the run correctly ends NOT_BLESSED.
+    # training for 0.4 %: the run correctly ends NOT_BLESSED. With --robustness: one CNN epoch
+    # and 20 test images under every transform.
     "smoke": RunConfig(data_fraction=0.05, steps_per_epoch=20,
-                       recipe=Recipe(epochs=2, batch_size=32)),
-    # The seed project's recipe (XifengGuo/CapsNet-Keras): 50 epochs, batch 100, Adam 1e-3
-    # x0.9/epoch, ±2 px shifts, 3 routings, 0.392 x reconstruction loss.
-    "seed": RunConfig(),
-    # The fewest epochs shown, on the valid split, to clear the 0.4 % bar with a margin. No
-    # shorter schedule has been: cosine schedules of 10, 15 and 30 epochs settled at 18-25 valid
-    # errors of 5,000, where the rule in docs/results.md asks for 13. So full's recipe.
-    "fast": FULL,
+                       recipe=Recipe(epochs=2, batch_size=32),
+                       baseline=dataclasses.replace(default_recipe("cnn"), epochs=1,
+                                                    batch_size=32),
+                       affine=AffineSpec(images=20)),
     "full": FULL,
 }
+# Recipe fields a command line sets for both networks; the others are the CapsNet's alone.
+SHARED_RECIPE_FIELDS = ("seed", "mixed_precision", "serving_precision")
 
 
 def preset(name: str, **overrides) -> RunConfig:
-    """The named preset with some fields, of RunConfig or of its Recipe, replaced (None values
-    are ignored)."""
+    """The named preset with some fields, of RunConfig or of the CapsNet's Recipe, replaced
+    (None values are ignored); SHARED_RECIPE_FIELDS replace the baseline CNN's too."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
     base = PRESETS[name]
     recipe = dataclasses.replace(base.recipe, **{k: v for k, v in overrides.items()
                                                  if k in recipe_fields})
-    return dataclasses.replace(base, recipe=recipe, **{k: v for k, v in overrides.items()
-                                                       if k not in recipe_fields})
+    baseline = dataclasses.replace(base.baseline, **{k: v for k, v in overrides.items()
+                                                     if k in SHARED_RECIPE_FIELDS})
+    return dataclasses.replace(base, recipe=recipe, baseline=baseline,
+                               **{k: v for k, v in overrides.items()
+                                  if k not in recipe_fields})
 
 
 def default_output_dir() -> str:

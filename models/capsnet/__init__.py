@@ -16,7 +16,8 @@ Modules:
   model   build_capsnet -> (train_model, inference_model), compile_capsnet
   recipe  the training recipe, defined once (no Keras)
   schedule  the recipe's learning-rate schedule and weight averaging, as Adam's options
-  train   the standalone trainer: `python -m models.capsnet.train` (any backend, no TFX)
+The standalone trainer, `python -m models.train`, trains this model (or the baseline CNN)
+without TFX, under any backend.
 """
 
 import importlib

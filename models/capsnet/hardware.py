@@ -3,14 +3,15 @@ for every entry point (local_runner.py, the standalone trainer, the benchmark, t
 the tests). Importing this module loads no Keras, TensorFlow or other backend: the TensorFlow
 settings it makes act only if made before TensorFlow starts.
 
-Why the choice depends on the CPU (measured, docs/results.md):
-  * bfloat16 compute is fast only where the CPU has it natively, AMX-BF16 or AVX512_BF16 (flags
-    `amx_bf16` / `avx512_bf16` in /proc/cpuinfo), and only through oneDNN: TensorFlow's own (Eigen)
-    bf16 kernels emulate it, 7.8 img/s against oneDNN's 213 on a Sapphire Rapids;
-  * float32 training is faster with TensorFlow's own kernels than with oneDNN on both CPUs seen
-    (AMD EPYC AVX2: ~62 vs ~56 img/s; Sapphire Rapids: 155-161 vs 133).
-So the runtime is oneDNN exactly when the CPU will compute in bfloat16, Eigen otherwise, and
-TensorFlow's BFC allocator either way (it reuses memory instead of handing out fresh pages).
+The rule: TensorFlow's CPU runtime is oneDNN exactly when the CPU will compute in bfloat16, and
+TensorFlow's own (Eigen) kernels otherwise; TensorFlow's BFC allocator either way (it reuses
+memory instead of handing out fresh pages). Why:
+  * bfloat16 compute pays only where the CPU has it natively, AMX-BF16 or AVX512_BF16 (flags
+    `amx_bf16` / `avx512_bf16` in /proc/cpuinfo), and only through oneDNN: TensorFlow's own bf16
+    kernels emulate it, many times slower than float32;
+  * in float32, TensorFlow's own kernels train faster than oneDNN's on the CPUs where the two
+    were compared.
+The measurements, with their CPUs and dates: docs/results.md and docs/lab/kernel-work.md.
 
 `mixed_precision` (RunConfig, --mixed-precision):
   auto            bfloat16 compute with float32 variables on a CPU with native bf16 and on GPUs of

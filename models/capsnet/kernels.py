@@ -1,7 +1,8 @@
 """Fast paths for the CapsNet layers' maths, apart from the layers (`layers.py`) that read like
 the paper. Each function here computes exactly what a plain formulation in `layers.py` computes,
-values and gradients (tests/models/capsnet/test_equivalence.py), only faster on the machines
-measured (docs/results.md); `use_fast_path` alone decides where each one runs.
+values and gradients (tests/models/capsnet/test_equivalence.py), only faster where it runs;
+`use_fast_path` alone decides where that is (the measurements behind each choice:
+docs/lab/kernel-work.md).
 
   predict_and_route         DigitCaps: u_hat (= layers.predictions) and dynamic routing
                             (= layers.dynamic_routing) over chunks of children, with a
@@ -43,7 +44,7 @@ def use_fast_path(kind, dtype):
       col2im         inside `conv2d_valid`, the input gradient as one matmul and a col2im sum
                      where TensorFlow runs its Eigen CPU kernels (TF_ENABLE_ONEDNN_OPTS=0):
                      Eigen's own works image by image. Under oneDNN, oneDNN's transposed
-                     convolution instead (measured faster on the AMD EPYC Zen 4, below).
+                     convolution instead, which is faster there (below).
     """
     if kind == "routing":
         return True
@@ -84,8 +85,8 @@ def unless_empty(fn, x, output_shape):
 # --------------------------------------------------------------------------------------------
 #
 # Why: at batch 100, u_hat is 1152 x 160 floats per example, 74 MB, while routing's FLOPs are
-# tiny. On a 2-core CPU the cost is memory traffic, and above all WRITING big tensors (TF's
-# allocator hands out fresh pages: ~1 ms per MB written, ~0.15 ms per MB read). Einsum on the
+# tiny. On a CPU the cost is memory traffic, and above all WRITING big tensors (TF's allocator
+# hands out fresh pages, and a MB written costs several times a MB read). Einsum on the
 # spec's layout [B, N_in, N_out, D] transposes u_hat for every product and its gradient, and
 # autodiff writes one u_hat-sized gradient per pass plus their sum: ~15 such writes a step.
 # Here:
@@ -113,8 +114,8 @@ CHUNK_PAIRS = 100 * ROUTING_CHUNK  # (example, child) pairs a chunk holds: 2.3 M
 def _chunk_counts(n_in):
     """The chunk counts that routing chooses among for n_in children: 1, 4, 16, ... (each 4x
     the last), up to the count whose chunks hold at most ROUTING_CHUNK children (1152: 1, 4, 16,
-    32). In a graph of unknown batch each count is a branch of the switch, and each branch costs
-    about 1.2 s of tracing at export: x2 steps (6 branches) made an export 7 s slower, x4 4 s."""
+    32). In a graph of unknown batch each count is a branch of the switch, traced when a model is
+    exported; steps of 4x keep the branches, and so the export's tracing time, few."""
     most = -(-n_in // ROUTING_CHUNK)
     counts = [1]
     while counts[-1] < most:
@@ -127,9 +128,9 @@ def _chunk_count(n_in, batch):
     (example, child) pairs each, the last (most chunks) when none does. `batch` is an int, or
     a scalar int32 tensor in a graph whose batch is unknown (then the index is one too).
 
-    Measured on the AMD EPYC Zen 5, float32 forward: at batch 1 one chunk takes 1.5 ms against
-    6.2 for 32; at batch 10 four take 3.8 ms against 8.2. The whole bf16 serving signature:
-    5.5 against 10.4 ms at batch 1, 12.4 against 15.3 at batch 10 (docs/results.md).
+    Why by pairs: a chunk's u_hat stays about the same size (2.3 MB) at every batch, small enough
+    to stay in cache, while small batches get few chunks, whose loop overhead would otherwise
+    outweigh the work (batch 1: one chunk of all children).
     """
     sizes = [-(-n_in // count) for count in _chunk_counts(n_in)][:-1]
     if isinstance(batch, int):
@@ -174,7 +175,7 @@ def _squash_vjp(parts, g):
 
 def _softmax_over_parents(b):
     """softmax(b, axis=1) for logits b [B, N_out, n], written out: TensorFlow's softmax over an
-    axis other than the last transposes there and back, 2.3x the time of these ops. (`initial`
+    axis other than the last transposes there and back, slower than these ops. (`initial`
     only because Keras refuses an eager max over an empty tensor, and B = 0 is a real batch.)"""
     e = ops.exp(b - ops.max(b, axis=1, keepdims=True, initial=-np.inf))
     return e / ops.sum(e, axis=1, keepdims=True)
@@ -391,20 +392,19 @@ def _predict_and_route(u, kernel, n_chunks, n_caps, dim, routings, stop_gradient
 # PrimaryCaps' convolution: the backend's forward, a written-out backward
 # --------------------------------------------------------------------------------------------
 #
-# Why: at batch 100, TensorFlow's Eigen input gradient of the 9x9 stride-2 PrimaryCaps
-# convolution (Conv2DBackpropInput, which works image by image: a [36, 256] x [256, 9*9*256]
-# matmul and a col2im each) took ~650 ms of a ~1,650 ms float32 training step. The same matmul
-# done ONCE for the whole batch, then a segment sum that adds every patch tap back onto its pixel
-# (col2im), takes ~250 ms; the kernel gradient as a dilated convolution of the input with the
-# output gradient ~320 ms instead of ~360. Same FLOPs, same values
-# (tests/models/capsnet/test_equivalence.py). Under oneDNN (bfloat16, batch 100), oneDNN's own
-# Conv2DBackpropFilter is the slow one: the dilated convolution takes 135-148 ms against its
-# 236-328 on the AMD EPYC Zen 4 (67 against 200 on the Zen 5); its transposed convolution, the
-# input gradient, takes 115-132 ms against col2im's 152-172 on the Zen 4, a training step 6 %
-# faster (docs/results.md; on the Zen 5, col2im measured 77 ms against 82 before this choice).
-# `python -m bench.train_throughput --mode primarycaps` times each gradient in both forms.
-# Measured with float32 and bfloat16 on TensorFlow's CPU kernels only, so elsewhere (GPUs, other
-# backends, float16) the backend's own gradient stays.
+# Contract: the same values and gradients as ops.conv(x, kernel, strides, "valid") under
+# autodiff (tests/models/capsnet/test_equivalence.py), with the same FLOPs; only the backward is
+# written out, and only where `use_fast_path("conv_backward")` says so.
+# Why: TensorFlow's Eigen input gradient of this 9x9 stride-2 convolution
+# (Conv2DBackpropInput) works image by image, a [36, 256] x [256, 9*9*256] matmul and a col2im
+# each; doing that matmul ONCE for the whole batch, then a segment sum that adds every patch tap
+# back onto its pixel (col2im), is much faster. The kernel gradient, as a dilated
+# convolution of the input with the output gradient, beats the backend's under Eigen and, by
+# more, oneDNN's Conv2DBackpropFilter. Under oneDNN the input gradient is oneDNN's own transposed
+# convolution, which beats col2im there. Both forms were timed with float32 and bfloat16 on
+# TensorFlow's CPU kernels only, so elsewhere (GPUs, other backends, float16) the backend's own
+# gradient stays. `python -m bench.train_throughput --mode primarycaps` times each gradient in
+# both forms on the machine at hand; the figures: docs/lab/kernel-work.md.
 
 
 def _patch_pixels(out_h, out_w, width, kernel_size, strides):
@@ -466,8 +466,9 @@ def _col2im_input_gradient(g, kernel, strides, size):
                          ops.transpose(ops.reshape(kernel, (-1, c_out))))
     pixels = _patch_pixels(out_h, out_w, width, k, strides)
     ids = ops.arange(batch, dtype="int32")[:, None] * (height * width) + pixels[None, :]
-    # Up to ceil(k / strides)^2 taps land on a pixel: summed in float32 (in bfloat16 the
-    # sum's rms error was 3x that of oneDNN's own bf16 input gradient; now equal).
+    # Up to ceil(k / strides)^2 taps land on a pixel: summed in float32, so that the bf16
+    # gradient's rounding error is no larger than that of oneDNN's own bf16 input gradient
+    # (a bf16 sum's is several times larger; tests/models/capsnet/test_equivalence.py).
     d_x = ops.segment_sum(ops.cast(ops.reshape(patches, (-1, c_in)), "float32"),
                           ops.reshape(ids, (-1,)), num_segments=batch * height * width)
     return ops.reshape(ops.cast(d_x, g.dtype), (-1, height, width, c_in))

@@ -36,7 +36,7 @@ def test_a_round_alternates_ours_and_the_seed_at_batch_100(seed_dirs, tmp_path):
         if not run.name.startswith("seed"):
             argv = list(run.argv)
             assert argv[:2] == ["-m", "bench.train_throughput"]
-            assert argv[argv.index("--batch") + 1] == "100"
+            assert argv[argv.index("--batch-size") + 1] == "100"
             assert run.cwd == (str(base) if run.name.startswith("baseline") else sitting.REPO)
             assert run.versus == ("seed_train" if "train" in run.name else "seed_serve")
     assert "--mixed-precision" not in by_name["train_auto"].argv  # auto: the default

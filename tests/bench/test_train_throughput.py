@@ -34,7 +34,7 @@ def test_flops_per_image_match_the_spec():
 
 
 def test_train_mode_one_step(capsys, mnist_cache_dir):
-    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch", "16",
+    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch-size", "16",
                  "--examples", "64", "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "train" and result["batch"] == 16
     auto = hardware.describe(hardware.compute_policy("auto"))
@@ -48,7 +48,7 @@ def test_train_mode_one_step(capsys, mnist_cache_dir):
 
 def test_train_mode_on_two_workers_with_the_compute_dtype_flag(capsys, mnist_cache_dir):
     """Two processes of the script on 127.0.0.1, MultiWorkerMirroredStrategy; the chief's line."""
-    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch", "4",
+    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch-size", "4",
                  "--examples", "16", "--mixed-precision", "none", "--routings", "1",
                  "--workers", "2", "--data-cache-dir", mnist_cache_dir)
     assert result["workers"] == 2 and result["replicas"] == 2 and result["batch"] == 4
@@ -66,7 +66,7 @@ def test_input_mode_one_step(capsys, mnist_cache_dir):
 def test_serve_mode_one_step_on_a_fresh_export(capsys, mnist_cache_dir):
     """Without --model, an untrained CapsNet is exported through models.serving with a real
     tf.Transform graph, then timed through its serving_images signature."""
-    result = run(capsys, "--mode", "serve", "--steps", "1", "--warmup", "1", "--batch", "10",
+    result = run(capsys, "--mode", "serve", "--steps", "1", "--warmup", "1", "--batch-size", "10",
                  "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "serve" and result["signature"] == "serving_images"
     assert result["compute_dtype"] == "float32"  # the default export, whatever the CPU
@@ -74,7 +74,7 @@ def test_serve_mode_one_step_on_a_fresh_export(capsys, mnist_cache_dir):
 
 
 def test_digitcaps_mode_one_step(capsys, mnist_cache_dir):
-    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch", "8",
+    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch-size", "8",
                  "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
 
@@ -91,7 +91,7 @@ def test_digitcaps_mode_under_xla(capsys, mnist_cache_dir, monkeypatch):
 
     monkeypatch.setattr(tf, "function", function)
     result = run(capsys, "--mode", "digitcaps", "--jit-compile", "--steps", "1", "--warmup", "1",
-                 "--batch", "8", "--data-cache-dir", mnist_cache_dir)
+                 "--batch-size", "8", "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
     assert compiled.count(True) == 1
 
@@ -99,7 +99,7 @@ def test_digitcaps_mode_under_xla(capsys, mnist_cache_dir, monkeypatch):
 def test_digitcaps_mode_with_chosen_chunks_forward_only(capsys, mnist_cache_dir):
     """The chunk sweep's form: two chunks of 576 children, the forward alone (a third of the
     forward-and-backward FLOPs); flags for other modes are refused."""
-    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch", "8",
+    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch-size", "8",
                  "--chunks", "2", "--forward-only", "--data-cache-dir", mnist_cache_dir)
     flops = train_throughput.capsnet_flops_per_image()["digitcaps"]
     assert result["mode"] == "digitcaps" and result["flops_per_image"] == flops // 3
@@ -108,7 +108,7 @@ def test_digitcaps_mode_with_chosen_chunks_forward_only(capsys, mnist_cache_dir)
 
 
 def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cache_dir):
-    result = run(capsys, "--mode", "primarycaps", "--steps", "1", "--warmup", "1", "--batch", "4",
+    result = run(capsys, "--mode", "primarycaps", "--steps", "1", "--warmup", "1", "--batch-size", "4",
                  "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "primarycaps" and result["gflop_per_s"] > 0
     assert result["flops_per_image"] == 3 * 2 * 6 * 6 * 256 * 9 * 9 * 256
@@ -122,13 +122,13 @@ def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cach
 
 def test_primarycaps_mode_forward_only(capsys, mnist_cache_dir):
     result = run(capsys, "--mode", "primarycaps", "--forward-only", "--steps", "1", "--warmup",
-                 "1", "--batch", "2", "--data-cache-dir", mnist_cache_dir)
+                 "1", "--batch-size", "2", "--data-cache-dir", mnist_cache_dir)
     assert result["flops_per_image"] == 2 * 6 * 6 * 256 * 9 * 9 * 256
     assert "backend_gradient" not in result
 
 
 def test_matmul_mode_times_the_three_gemms_of_primarycaps(capsys, mnist_cache_dir):
-    result = run(capsys, "--mode", "matmul", "--steps", "1", "--warmup", "1", "--batch", "2",
+    result = run(capsys, "--mode", "matmul", "--steps", "1", "--warmup", "1", "--batch-size", "2",
                  "--data-cache-dir", mnist_cache_dir)
     gemms = result["gemms"]
     assert {name: g["shape"] for name, g in gemms.items()} == {
@@ -148,7 +148,7 @@ def test_matmul_mode_times_the_three_gemms_of_primarycaps(capsys, mnist_cache_di
         hardware.compute_policy("auto"))["compute_dtype"]
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"], ["--batch", "0"],
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"], ["--batch-size", "0"],
                                   ["--mode", "train", "--model", "x"], ["--max-shift", "14"],
                                   ["--workers", "0"], ["--mode", "serve", "--workers", "2"],
                                   ["--mode", "train", "--forward-only"],

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import kubeflow_runner
+from pipeline import kubeflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE = "registry.example.com/capsnet-tfx:test"
@@ -52,7 +53,7 @@ class Compiled:
 def parse_flags(*flags):
     """kubeflow_runner.parse_args, ignoring any $CAPSNET_KFP_ARGS of the calling shell."""
     with mock.patch.dict(os.environ):
-        os.environ.pop(kubeflow_runner.ARGS_ENV, None)
+        os.environ.pop(kubeflow.ARGS_ENV, None)
         return kubeflow_runner.parse_args(list(flags))
 
 
@@ -89,7 +90,7 @@ class TfxCliCreate:
                # the CLI shells out to `pip freeze` to find kfp: the venv's pip
                "PATH": venv_bin + os.pathsep + os.environ["PATH"],
                "CAPSNET_OUTPUT_DIR": os.path.join(self.tmp_dir, "outputs"),
-               kubeflow_runner.ARGS_ENV: self.FLAGS}
+               kubeflow.ARGS_ENV: self.FLAGS}
         env.pop("XDG_CACHE_HOME", None)
         env.pop("MNIST_CACHE_DIR", None)
         self._proc = subprocess.Popen(

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 import kubeflow_runner
+from pipeline import kubeflow
 from tests.kubeflow.conftest import REPO
 
 
@@ -114,7 +115,7 @@ def test_copies_every_package_the_compiled_steps_name(dockerfile, kfp_compiled):
     assert packages == {"components", "data", "models"}
 
     workdir = [args for op, args in dockerfile if op == "WORKDIR"][-1]
-    assert workdir == kubeflow_runner.IMAGE_PROJECT_DIR
+    assert workdir == kubeflow.IMAGE_PROJECT_DIR
     schema = kfp_compiled.parameter("ImportSchemaGen", "schema_file")
     relative = os.path.relpath(schema, workdir)
     assert os.path.isfile(os.path.join(REPO, relative))

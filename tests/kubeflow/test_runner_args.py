@@ -6,6 +6,7 @@ import types
 import pytest
 
 import kubeflow_runner
+from pipeline import kubeflow
 from pipeline import configs
 from tests.kubeflow.conftest import DATAFLOW_FLAGS, parse_flags
 
@@ -20,7 +21,7 @@ def test_defaults_target_open_source_kubeflow_with_one_gpu():
     assert args.beam_args[0] == "--runner=FnApiRunner"  # named: never Beam's Prism download
     assert (args.beam_runner, args.trainer_workers) == ("local", 1)
     assert args.pipeline_name == "capsnet-mnist"
-    assert args.image == kubeflow_runner.PLACEHOLDER_IMAGE
+    assert args.image == kubeflow.PLACEHOLDER_IMAGE
     assert args.image_project_dir == "/pipeline"
     assert config == configs.PRESETS["full"]
     assert not args.submit and not args.no_cache
@@ -51,7 +52,7 @@ def test_dataflow_options_name_the_pipeline_image_and_take_extra_beam_args_after
 
 
 def test_flags_from_the_environment_come_first_and_argv_overrides_them(monkeypatch):
-    monkeypatch.setenv(kubeflow_runner.ARGS_ENV, "--image env/image:1 --gpus 4 --preset smoke")
+    monkeypatch.setenv(kubeflow.ARGS_ENV, "--image env/image:1 --gpus 4 --preset smoke")
     args, config = kubeflow_runner.parse_args(["--gpus", "2"])
     assert (args.image, args.gpus, config) == ("env/image:1", 2, configs.PRESETS["smoke"])
 
@@ -102,7 +103,7 @@ def test_help_explains_every_flag_with_its_default(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "tfx pipeline create --engine vertex --pipeline_path kubeflow_runner.py" in out
-    for action in kubeflow_runner.build_parser()._actions:
+    for action in kubeflow.build_parser(kubeflow_runner.__doc__)._actions:
         if action.dest == "help":
             continue
         assert action.option_strings[0] in out
@@ -111,11 +112,11 @@ def test_help_explains_every_flag_with_its_default(capsys):
 
 def test_storage_notes_flag_locations_the_stock_image_cannot_use():
     args, _ = parse_flags("--pipeline-root", "s3://b/root", "--data-root", "/mnt/data/mnist")
-    notes = kubeflow_runner.storage_notes(args)
+    notes = kubeflow.storage_notes(args)
     assert len(notes) == 2
     assert "s3://b/root" in notes[0] and "tensorflow-io" in notes[0]
     assert "/mnt/data/mnist" in notes[1] and "every pod mounts" in notes[1]
-    assert kubeflow_runner.storage_notes(parse_flags(*READY)[0]) == []
+    assert kubeflow.storage_notes(parse_flags(*READY)[0]) == []
 
 
 class FakeKfpClient:
@@ -202,7 +203,7 @@ def test_main_compiles_then_submits_the_yaml(monkeypatch, tmp_path, capsys):
         submitted.update(path=path, endpoint=args.endpoint)
         return {"pipeline_id": "p", "version_id": "v", "experiment_id": "e", "run_id": "r"}
 
-    monkeypatch.delenv(kubeflow_runner.ARGS_ENV, raising=False)
+    monkeypatch.delenv(kubeflow.ARGS_ENV, raising=False)
     monkeypatch.setattr(kubeflow_runner, "compile_pipeline", fake_compile)
     monkeypatch.setattr(kubeflow_runner, "submit", fake_submit)
     assert kubeflow_runner.main(["--submit", "--endpoint", "http://kfp:8080/", *READY]) == 0

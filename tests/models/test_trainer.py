@@ -81,24 +81,24 @@ def test_a_rerun_of_the_same_inputs_finds_the_checkpoint_and_another_recipe_does
     from pipeline import configs
     def fn_args(**recipe):
         return types.SimpleNamespace(
-            train_files=["/root/Transform/transformed_examples/5/Split-train/*"],
-            eval_files=["/root/Transform/transformed_examples/5/Split-valid/*"],
-            transform_output="/root/Transform/transform_graph/5",
+            train_files=["/pipeline_root/Transform/transformed_examples/5/Split-train/*"],
+            eval_files=["/pipeline_root/Transform/transformed_examples/5/Split-valid/*"],
+            transform_output="/pipeline_root/Transform/transform_graph/5",
             custom_config={**configs.preset("smoke", **recipe).recipe.to_custom_config(),
-                           "code_fingerprint": "abc", "resume_root": "/root/Trainer/resume"},
-            train_steps=40, model_run_dir="/root/Trainer/model_run/9", base_model=None)
+                           "code_fingerprint": "abc", "resume_root": "/pipeline_root/Trainer/resume"},
+            train_steps=40, model_run_dir="/pipeline_root/Trainer/model_run/9", base_model=None)
     first = trainer.run_fingerprint(fn_args())
     rerun = fn_args()
-    rerun.model_run_dir = "/root/Trainer/model_run/12"  # a new execution id
+    rerun.model_run_dir = "/pipeline_root/Trainer/model_run/12"  # a new execution id
     assert trainer.run_fingerprint(rerun) == first
     assert trainer.resume_dir(rerun, first) == trainer.resume_dir(fn_args(), first) == \
-        f"/root/Trainer/resume/{first[:16]}"
+        f"/pipeline_root/Trainer/resume/{first[:16]}"
     assert trainer.run_fingerprint(fn_args(learning_rate=2e-3)) != first
     other_code = fn_args()
     other_code.custom_config["code_fingerprint"] = "abd"
     assert trainer.run_fingerprint(other_code) != first
     warm = fn_args()
-    warm.base_model = "/root/Trainer/model/7/Format-Serving"  # warm-started: another run
+    warm.base_model = "/pipeline_root/Trainer/model/7/Format-Serving"  # warm-started: another run
     assert trainer.run_fingerprint(warm) != first
 
 

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from models.capsnet.train import HISTORY_FIELDS
+from models.train import HISTORY_FIELDS
 from notebooks import recipe_search
 
 

@@ -30,17 +30,39 @@ def test_bad_split_arguments_are_refused(valid_size, fraction):
         splits.split_ranges(valid_size, fraction)
 
 
-def test_seed_preset_is_the_seed_recipe_and_full_and_fast_are_it_for_now():
-    seed = configs.PRESETS["seed"]
-    recipe = seed.recipe
+def test_full_preset_is_the_seed_projects_recipe_and_the_presets_differ():
+    full = configs.PRESETS["full"]
+    recipe = full.recipe
     assert (recipe.epochs, recipe.batch_size, recipe.learning_rate, recipe.lr_schedule,
-            recipe.lr_decay, recipe.max_shift, seed.data_fraction, recipe.routings,
+            recipe.lr_decay, recipe.max_shift, full.data_fraction, recipe.routings,
             recipe.recon_weight, recipe.ema_momentum) == (50, 100, 1e-3, "exponential", 0.9, 2,
                                                           1.0, 3, 0.392, 0.0)
-    assert seed.train_steps_per_epoch() == 550
-    assert seed.max_test_error == 0.004
-    assert configs.PRESETS["full"] == seed
-    assert configs.PRESETS["fast"] is configs.PRESETS["full"]  # one definition, two names
+    assert full.train_steps_per_epoch() == 550
+    assert full.max_test_error == 0.004
+    assert list(configs.PRESETS) == ["smoke", "full"]
+    assert configs.PRESETS["smoke"] != full  # no two names for one run
+
+
+def test_a_removed_preset_is_refused_naming_the_presets():
+    for removed in ("seed", "fast"):
+        with pytest.raises(ValueError, match="the presets are smoke, full"):
+            configs.preset(removed)
+    proc = subprocess.run([sys.executable, "local_runner.py", "--preset", "fast"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'fast'" in proc.stderr
+    assert "'smoke', 'full'" in proc.stderr
+
+
+def test_the_baseline_cnn_shares_the_seed_and_dtypes_not_the_rest():
+    config = configs.preset("full", seed=3, epochs=7, mixed_precision="none",
+                            learning_rate=5e-4)
+    assert config.recipe.seed == config.baseline.seed == 3
+    assert config.recipe.mixed_precision == config.baseline.mixed_precision == "none"
+    assert config.recipe.epochs == 7 and config.baseline.epochs == configs.FULL.baseline.epochs
+    assert config.baseline.learning_rate == configs.FULL.baseline.learning_rate
+    assert config.baseline.network == "cnn" and config.recipe.network == "capsnet"
+    with pytest.raises(ValueError, match="baseline.network must be 'cnn'"):
+        configs.RunConfig(baseline=configs.FULL.recipe)
 
 
 def test_smoke_preset_is_small():
@@ -52,7 +74,7 @@ def test_smoke_preset_is_small():
 def test_preset_overrides_and_refusals():
     assert configs.preset("smoke", epochs=3, batch_size=None).recipe.epochs == 3
     assert configs.preset("smoke", epochs=3).recipe.batch_size == 32  # the preset's own
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; the presets are smoke, full"):
         configs.preset("huge")
     for field, value in [("epochs", 0), ("batch_size", -1), ("steps_per_epoch", 0),
                          ("data_fraction", 0.0), ("data_fraction", 2.0)]:
@@ -75,8 +97,18 @@ def test_runner_help_explains_every_flag():
     for flag in ["--pipeline-root", "--serving-dir", "--preset", "--epochs", "--steps-per-epoch",
                  "--batch-size", "--data-fraction", "--data-path", "--max-test-error", "--seed"]:
         assert flag in out
-    for name in configs.PRESETS:
-        assert f"'{name}'" in out
+    assert "--preset {smoke,full}" in out
+    assert "--robustness" in out
+    # The recipe's flags, from the Recipe dataclass, in a group of their own; then the checks.
+    out = out[out.index("options:"):]  # past the usage lines
+    recipe_group = out.index("the CapsNet's training recipe")
+    checks = out.index("checking distributed execution")
+    for flag in ["--epochs", "--learning-rate", "--lr-schedule", "--routings", "--seed",
+                 "--mixed-precision", "--recon-weight"]:
+        assert recipe_group < out.index(flag + " ") < checks, flag
+    for flag in ["--cpu-replicas", "--beam-workers", "--trainer-workers"]:
+        assert out.index(flag + " N") > checks, flag
+    assert "--network" not in out  # the pipeline chooses each Trainer's network
 
 
 def test_runner_presets_and_seed():
