@@ -120,6 +120,20 @@ def _write_model_info(model: keras.Model, export_dir: str, trained_with: Optiona
         json.dump(info, f, indent=2)
 
 
+def classify(export_dir: str, images, batch_size: int = 100):
+    """(classes int64 [N], scores float32 [N, 10]) of uint8 images [N, 28, 28] through an
+    export's `serving_images` signature, `batch_size` images a call."""
+    import numpy as np
+
+    serve = tf.saved_model.load(export_dir).signatures[IMAGES_SIGNATURE]
+    classes, scores = [], []
+    for start in range(0, len(images), batch_size):
+        out = serve(images=tf.constant(images[start:start + batch_size]))
+        classes.append(out[features.CLASSES].numpy())
+        scores.append(out[features.SCORES].numpy())
+    return np.concatenate(classes), np.concatenate(scores)
+
+
 def main(argv=None) -> int:
     """The SavedModel of a saved Keras inference model (the CapsNet, e.g.
     pretrained/capsnet_mnist.keras, or the baseline CNN) with both signatures, through a

@@ -221,17 +221,9 @@ def read_split(examples_dir: str):
 
 def predict(saved_model_dir: str, images: np.ndarray, batch_size: int = 100):
     """(classes [N], scores [N, 10]) from the SavedModel's serving_images signature."""
-    import tensorflow as tf
-
     from models import serving
 
-    serve = tf.saved_model.load(saved_model_dir).signatures[serving.IMAGES_SIGNATURE]
-    classes, scores = [], []
-    for start in range(0, len(images), batch_size):
-        out = serve(images=tf.constant(images[start:start + batch_size]))
-        classes.append(out[features.CLASSES].numpy())
-        scores.append(out[features.SCORES].numpy())
-    return np.concatenate(classes), np.concatenate(scores)
+    return serving.classify(saved_model_dir, images, batch_size)
 
 
 def misclassified(saved_model_dir: str, examples_dir: str) -> dict:

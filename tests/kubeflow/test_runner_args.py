@@ -103,6 +103,7 @@ def test_help_explains_every_flag_with_its_default(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "tfx pipeline create --engine vertex --pipeline_path kubeflow_runner.py" in out
+    assert "--preset {smoke,full}" in out and "--robustness" in out and "--epochs" in out
     for action in kubeflow.build_parser(kubeflow_runner.__doc__)._actions:
         if action.dest == "help":
             continue

@@ -241,6 +241,7 @@ def test_another_recipe_data_or_seed_is_another_run():
     base = standalone.run_fingerprint(args, recipe)
     assert standalone.run_fingerprint(*standalone.parse_args(["--output-dir", "y"])) == base
     for flags in (["--learning-rate", "2e-3"], ["--epochs", "51"], ["--seed", "1"],
-                  ["--data-fraction", "0.5"], ["--mixed-precision", "none"]):
+                  ["--data-fraction", "0.5"], ["--mixed-precision", "none"],
+                  ["--network", "cnn"]):
         assert standalone.run_fingerprint(
             *standalone.parse_args(["--output-dir", "x", *flags])) != base, flags

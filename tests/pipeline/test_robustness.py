@@ -115,3 +115,15 @@ def test_the_table_has_a_row_per_transform_with_counts_and_the_difference():
 
 def test_every_family_of_the_split_has_a_unit():
     assert set(affine.UNITS) == set(affine.FAMILIES)
+
+
+def test_the_identity_check_compares_error_counts_of_the_whole_test_split():
+    results = {("identity", 0): robustness.SliceResult(10_000, {"capsnet": 0.9964,
+                                                                "cnn": 0.9950})}
+    lines = robustness.identity_lines(results, {"capsnet": 0.9964, "cnn": 0.9951}, 10_000)
+    assert lines == ["Identity check, CapsNet: 36 errors in the identity slice, 36 on the clean "
+                     "test images (equal)",
+                     "Identity check, CNN: 50 errors in the identity slice, 49 on the clean "
+                     "test images (DIFFERENT)"]
+    sample = {("identity", 0): robustness.SliceResult(20, {"capsnet": 1.0, "cnn": 1.0})}
+    assert "skipped" in robustness.identity_lines(sample, {}, 10_000)[0]

@@ -90,11 +90,17 @@ def test_the_split_is_validated_against_its_checked_in_schema(nodes):
     assert 'name: "transform"' in text and 'name: "magnitude"' in text
 
 
-def test_the_cnn_trainer_exports_the_cnn_with_the_capsnets_signatures(nodes):
+def test_the_cnn_trainer_exports_the_cnn_with_the_capsnets_signatures_and_dtypes(nodes):
     model_dir = os.path.join(nodes["CnnTrainer"].output("model").uri, "Format-Serving")
     with open(os.path.join(model_dir, "assets.extra", serving.MODEL_INFO_FILE)) as f:
         info = json.load(f)
     assert info["network"] == "cnn" and info["trainable_params"] == 35_445_522
+    with open(os.path.join(nodes["Trainer"].output("model").uri, "Format-Serving",
+                           "assets.extra", serving.MODEL_INFO_FILE)) as f:
+        capsnet = json.load(f)
+    # The same compute dtype as the CapsNet's (bfloat16 where the CPU has it), float32 serving.
+    assert info["training"]["compute_dtype"] == capsnet["training"]["compute_dtype"]
+    assert info["serving_compute_dtype"] == "float32"
     assert set(tf.saved_model.load(model_dir).signatures) == {"serving_default",
                                                             serving.IMAGES_SIGNATURE}
 
