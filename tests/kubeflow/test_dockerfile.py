@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-import kubeflow_runner
 from pipeline import kubeflow
 from tests.kubeflow.conftest import REPO
 

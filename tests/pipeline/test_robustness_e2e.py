@@ -79,7 +79,6 @@ def test_the_split_is_the_sampled_test_digits_under_every_transform_and_nothing_
 
 def test_the_split_is_validated_against_its_checked_in_schema(nodes):
     from components.anomalies_gate import describe_anomalies
-    from ml_metadata.proto import metadata_store_pb2  # noqa: F401
     from tfx.types import standard_artifacts
 
     anomalies = standard_artifacts.ExampleAnomalies()
