@@ -40,6 +40,8 @@ _CACHED = re.compile(r"\babsl: A cached execution \d+ is used\.$")
 _EPOCH = re.compile(r"^Epoch (\d+)/(\d+)$")
 _EPOCH_END = re.compile(r"^(\d+)/\1 - \d+s - (.*)$")   # "550/550 - 267s - 486ms/step - loss: ..."
 _TRAINER = re.compile(r"\babsl: (Trainer: .*)$")
+# A Trainer's recipe (models/trainer.py logs it): its global batch, for images/s.
+_RECIPE = re.compile(r"\babsl: \w+ training with Keras .*\bbatch_size=(\d+)")
 # The Trainer's first epoch: Keras prints no "Epoch 1/1" line for a run of one epoch.
 _FIRST_EPOCH = re.compile(r"\babsl: Trainer: .*(?:training from|resumed at) epoch (\d+) of (\d+)")
 _OWN = re.compile(r"^(MNIST source: |Compute: |Pipeline root .* is locked)")
@@ -76,7 +78,8 @@ def keras_metrics(text: str) -> Dict[str, float]:
 class CompactView:
     """Turns the full log, line by line, into the terminal view (module docstring).
 
-    batch_size   the Trainer's global batch, for images/s = steps * batch / epoch wall time
+    batch_size   the Trainer's global batch, for images/s = steps * batch / epoch wall time;
+                 each Trainer's own once it logs its recipe (the CapsNet's and the CNN's differ)
                  (wall time of the epoch as it reached the log: training and its validation pass)
     """
     batch_size: int
@@ -106,12 +109,16 @@ class CompactView:
             name, state = m.groups()
             if state == "running":
                 self.component, self.component_started, self.cached = name, now, False
+                self.epoch_seconds = []  # each Trainer's time left from its own epochs
                 return [f"{clock}  {name:<30} started"]
             how = " (from cache)" if self.cached else ""
             self.component = None
             return [f"{clock}  {name:<30} done in {duration(now - self.component_started)}{how}"]
         if _CACHED.search(line):
             self.cached = True
+            return []
+        if m := _RECIPE.search(line):
+            self.batch_size = int(m.group(1))
             return []
         if m := _EPOCH.match(line):
             self.epoch, self.epochs = int(m.group(1)), int(m.group(2))

