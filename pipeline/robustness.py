@@ -11,6 +11,7 @@ two trained models (the shipped CapsNet, a trained CNN) without training either 
 """
 
 import dataclasses
+import hashlib
 import os
 import shutil
 from typing import Dict, List, Tuple
@@ -174,9 +175,8 @@ def main(argv=None) -> int:
 
     npz_path, source = mnist.ensure_cached(args.data_path, args.data_cache_dir)
     print(f"MNIST source: {source}", flush=True)
-    uris = {name: export_model(path, args.transform_graph,
-                               os.path.join(args.output_dir, "models",
-                                            f"{name}-{args.serving_precision}"),
+    uris = {name: export_model(path, args.transform_graph, os.path.join(
+                args.output_dir, "models", f"{name}-{args.serving_precision}-{file_digest(path)}"),
                                args.serving_precision)
             for name, path in ((CANDIDATE, args.capsnet), (BASELINE, args.cnn))}
     metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(
@@ -197,6 +197,15 @@ def main(argv=None) -> int:
         lines += identity_lines(results, clean, len(test.y_test))
     print("\n".join(["", *lines, "", *table(results, counts)]))
     return 0
+
+
+def file_digest(path: str) -> str:
+    """The first 12 hex digits of the file's SHA-256: an export's dir names the model it holds."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def clean_accuracy(export_dir: str, images, labels) -> float:
