@@ -55,7 +55,8 @@ def local_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=configs.default_output_dir(),
                    help="base dir for pipeline root, metadata, pushed models and logs "
                         "(default: $CAPSNET_OUTPUT_DIR or ./outputs)")
-    p.add_argument("--pipeline-root", help="TFX pipeline root (default: <output-dir>/pipeline_root)")
+    p.add_argument("--pipeline-root",
+                   help="TFX pipeline root (default: <output-dir>/pipeline_root)")
     p.add_argument("--metadata-path",
                    help="SQLite ML Metadata file (default: <output-dir>/metadata.sqlite)")
     p.add_argument("--serving-dir", help="blessed models are pushed to <serving-dir>/<version>/ "

@@ -140,7 +140,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m pipeline.robustness", description=main.__doc__)
     p.add_argument("--capsnet", required=True,
-                   help="the CapsNet's .keras inference model (e.g. pretrained/capsnet_mnist.keras)")
+                   help="the CapsNet's .keras inference model, e.g. "
+                        "pretrained/capsnet_mnist.keras")
     p.add_argument("--cnn", required=True,
                    help="the baseline CNN's .keras inference model (python -m models.train "
                         "--network cnn writes cnn.keras)")

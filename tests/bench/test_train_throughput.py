@@ -46,9 +46,23 @@ def test_train_mode_one_step(capsys, mnist_cache_dir):
     assert 0.5 < result["loss_first"] < 1.5 and math.isfinite(result["loss_last"])
 
 
+def test_train_mode_times_the_baseline_cnn_with_its_recipe(capsys, mnist_cache_dir):
+    """--network cnn: the Trainer's step of the paper's CNN, at the CNN's learning rate unless
+    told otherwise; its FLOPs are the CNN's (3.9 GFLOP an image forward)."""
+    flops = train_throughput.cnn_flops_per_image()
+    assert flops["forward"] == pytest.approx(3.93e9, rel=0.01)  # about 10x the CapsNet's
+    assert train_throughput.parse_args(["--network", "cnn"]).recipe.learning_rate == 1e-4
+    result = run(capsys, "--mode", "train", "--network", "cnn", "--steps", "1", "--warmup", "1",
+                 "--batch-size", "2", "--examples", "16", "--data-cache-dir", mnist_cache_dir)
+    assert result["network"] == "cnn" and result["batch"] == 2
+    assert result["flops_per_image"] == flops["train"]
+    assert 1.0 < result["loss_first"] < 4.0  # cross-entropy of 10 classes starts near ln 10
+
+
 def test_train_mode_on_two_workers_with_the_compute_dtype_flag(capsys, mnist_cache_dir):
     """Two processes of the script on 127.0.0.1, MultiWorkerMirroredStrategy; the chief's line."""
-    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+    result = run(capsys, "--mode", "train", "--steps", "1", "--warmup", "1",
+                 "--batch-size", "4",
                  "--examples", "16", "--mixed-precision", "none", "--routings", "1",
                  "--workers", "2", "--data-cache-dir", mnist_cache_dir)
     assert result["workers"] == 2 and result["replicas"] == 2 and result["batch"] == 4
@@ -74,7 +88,8 @@ def test_serve_mode_one_step_on_a_fresh_export(capsys, mnist_cache_dir):
 
 
 def test_digitcaps_mode_one_step(capsys, mnist_cache_dir):
-    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch-size", "8",
+    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1",
+                 "--batch-size", "8",
                  "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "digitcaps" and result["gflop_per_s"] > 0
 
@@ -99,7 +114,8 @@ def test_digitcaps_mode_under_xla(capsys, mnist_cache_dir, monkeypatch):
 def test_digitcaps_mode_with_chosen_chunks_forward_only(capsys, mnist_cache_dir):
     """The chunk sweep's form: two chunks of 576 children, the forward alone (a third of the
     forward-and-backward FLOPs); flags for other modes are refused."""
-    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1", "--batch-size", "8",
+    result = run(capsys, "--mode", "digitcaps", "--steps", "1", "--warmup", "1",
+                 "--batch-size", "8",
                  "--chunks", "2", "--forward-only", "--data-cache-dir", mnist_cache_dir)
     flops = train_throughput.capsnet_flops_per_image()["digitcaps"]
     assert result["mode"] == "digitcaps" and result["flops_per_image"] == flops // 3
@@ -108,7 +124,8 @@ def test_digitcaps_mode_with_chosen_chunks_forward_only(capsys, mnist_cache_dir)
 
 
 def test_primarycaps_mode_times_ours_and_the_backend_gradient(capsys, mnist_cache_dir):
-    result = run(capsys, "--mode", "primarycaps", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+    result = run(capsys, "--mode", "primarycaps", "--steps", "1", "--warmup", "1",
+                 "--batch-size", "4",
                  "--data-cache-dir", mnist_cache_dir)
     assert result["mode"] == "primarycaps" and result["gflop_per_s"] > 0
     assert result["flops_per_image"] == 3 * 2 * 6 * 6 * 256 * 9 * 9 * 256
@@ -153,7 +170,8 @@ def test_matmul_mode_times_the_three_gemms_of_primarycaps(capsys, mnist_cache_di
                                   ["--workers", "0"], ["--mode", "serve", "--workers", "2"],
                                   ["--mode", "train", "--forward-only"],
                                   ["--mode", "primarycaps", "--chunks", "2"],
-                                  ["--mode", "primarycaps", "--jit-compile"]])
+                                  ["--mode", "primarycaps", "--jit-compile"],
+                                  ["--mode", "digitcaps", "--network", "cnn"]])
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as exc:
         train_throughput.parse_args(argv)

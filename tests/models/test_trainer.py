@@ -85,7 +85,8 @@ def test_a_rerun_of_the_same_inputs_finds_the_checkpoint_and_another_recipe_does
             eval_files=["/pipeline_root/Transform/transformed_examples/5/Split-valid/*"],
             transform_output="/pipeline_root/Transform/transform_graph/5",
             custom_config={**configs.preset("smoke", **recipe).recipe.to_custom_config(),
-                           "code_fingerprint": "abc", "resume_root": "/pipeline_root/Trainer/resume"},
+                           "code_fingerprint": "abc",
+                           "resume_root": "/pipeline_root/Trainer/resume"},
             train_steps=40, model_run_dir="/pipeline_root/Trainer/model_run/9", base_model=None)
     first = trainer.run_fingerprint(fn_args())
     rerun = fn_args()
