@@ -232,7 +232,7 @@ def trainer_dataset(args, mnist, work_dir):
     exactly as the Trainer's DataAccessor does."""
     import types
     from tfx_bsl.public import tfxio
-    from models import trainer
+    from models import networks, trainer
     n = min(args.examples, len(mnist.x_train))
     path = os.path.join(work_dir, "transformed_examples-00000-of-00001.gz")
     write_transformed_examples(mnist.x_train[:n].astype("float32") / 255.0, mnist.y_train[:n], path)
@@ -241,7 +241,7 @@ def trainer_dataset(args, mnist, work_dir):
             tfxio.TFExampleRecord(pattern, schema=schema).TensorFlowDataset(options))
     examples = trainer.read_examples(path, accessor, transformed_schema())
     return trainer.train_batches(examples, args.batch, args.warmup + args.steps, args.max_shift,
-                                 seed=0, epoch=0)
+                                 seed=0, epoch=0, network=networks.get(args.recipe.network))
 
 
 class Clock:
@@ -324,7 +324,7 @@ def bench_input(args, mnist, work_dir):
     clock.mark()
     for _ in range(args.steps):
         inputs, _ = next(it)
-        inputs[IMAGE].numpy()
+        (inputs[IMAGE] if isinstance(inputs, dict) else inputs).numpy()  # the CNN's: the image
         clock.mark()
     return clock.summary(args.batch), None
 
