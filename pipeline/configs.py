@@ -19,8 +19,9 @@ PIPELINE_NAME = "capsnet_mnist"
 MAX_TEST_ERROR = 0.004
 
 # Beam on the local machine (and in a pipeline pod): Beam's FnApiRunner, named, in-process.
-# Named because the default DirectRunner of Beam >= 2.68 first downloads and runs another runner
-# (Prism, a Go binary from GitHub); in-process because multi_processing was 3.6x slower on 2 cores.
+# Named: Beam's default DirectRunner (>= 2.68) would first download another runner (Prism, a Go
+# binary). In-process: on a machine of few cores, worker processes cost more than they spread
+# (docs/scale-out.md); --beam-workers N asks for them.
 LOCAL_BEAM_RUNNER = "FnApiRunner"
 LOCAL_BEAM_ARGS = (f"--runner={LOCAL_BEAM_RUNNER}", "--direct_running_mode=in_memory",
                    "--direct_num_workers=1")
