@@ -21,8 +21,10 @@
       inputs: as the model runs it (`models.capsnet.kernels.conv2d_valid` where
       `use_fast_path` says so), then (reported under
       "backend_gradient") the backend's own convolution and autodiff, for comparison; then
-      (under "gradients") each gradient alone, the input's and the kernel's, in both forms
-      (median ms): which form wins where, gradient by gradient, on this machine.
+      (under "gradients") each gradient alone (median ms): the input's as col2im, as the
+      backend's transposed convolution (`conv2d_valid`'s two forms) and by autodiff; the
+      kernel's as the model runs it and by autodiff: which form wins, gradient by gradient,
+      on this machine.
       --forward-only times the forward convolution alone (the same op on both paths).
   python -m bench.train_throughput --mode matmul
       The ceiling for --mode primarycaps on this machine: the convolution's three GEMMs
@@ -403,11 +405,15 @@ def bench_primarycaps(args, mnist, work_dir):
     backend = time_steps(gradients(backend_conv, x, kernel), args)
     result["backend_gradient"] = {key: backend[key] for key in
                                   ("images_per_s", "ms_per_step_median", "cpu_ms_per_step")}
-    forms = {"model": as_the_model_runs_it, "backend": backend_conv}
+    input_forms = {  # the input gradient's two written-out forms, whatever the chooser says
+        "col2im": lambda x, k: kernels.conv2d_valid(x, k, 2, col2im=True),
+        "transposed": lambda x, k: kernels.conv2d_valid(x, k, 2, col2im=False),
+        "backend": backend_conv}
+    kernel_forms = {"model": as_the_model_runs_it, "backend": backend_conv}
     result["gradients"] = {
         name: {form: time_steps(gradients(conv, wrt, forward=False), args)["ms_per_step_median"]
                for form, conv in forms.items()}
-        for name, wrt in (("input", x), ("kernel", kernel))}
+        for name, wrt, forms in (("input", x, input_forms), ("kernel", kernel, kernel_forms))}
     return result, flops
 
 

@@ -42,9 +42,11 @@ def use_fast_path(kind, dtype):
                      the backend's: float32 or bfloat16 on TensorFlow with no GPU visible
                      (cuDNN's gradients stay on GPUs; float16 was never measured).
       col2im         inside `conv2d_valid`, the input gradient as one matmul and a col2im sum
-                     where TensorFlow runs its Eigen CPU kernels (TF_ENABLE_ONEDNN_OPTS=0):
-                     Eigen's own works image by image. Under oneDNN, oneDNN's transposed
-                     convolution instead, which is faster there (below).
+                     where TensorFlow runs its Eigen CPU kernels (TF_ENABLE_ONEDNN_OPTS=0),
+                     whose own works image by image, and under oneDNN on CPUs with AMX-BF16,
+                     whose tiles run the one large matmul faster than oneDNN's transposed
+                     convolution. Under oneDNN elsewhere (AVX512_BF16 without AMX), oneDNN's
+                     transposed convolution, which is faster there (below).
     """
     if kind == "routing":
         return True
@@ -54,7 +56,8 @@ def use_fast_path(kind, dtype):
             return False
         return not keras.distribution.list_devices("gpu")
     if kind == "col2im":
-        return use_fast_path("conv_backward", dtype) and hardware.runtime_name() == "Eigen"
+        return use_fast_path("conv_backward", dtype) and (
+            hardware.runtime_name() == "Eigen" or hardware.this_cpu().native_bf16 == "amx_bf16")
     raise ValueError(f"unknown fast path {kind!r}; expected one of {FAST_PATHS}")
 
 
@@ -400,10 +403,10 @@ def _predict_and_route(u, kernel, n_chunks, n_caps, dim, routings, stop_gradient
 # each; doing that matmul ONCE for the whole batch, then a segment sum that adds every patch tap
 # back onto its pixel (col2im), is much faster. The kernel gradient, as a dilated
 # convolution of the input with the output gradient, beats the backend's under Eigen and, by
-# more, oneDNN's Conv2DBackpropFilter. Under oneDNN the input gradient is oneDNN's own transposed
-# convolution, which beats col2im there. Both forms were timed with float32 and bfloat16 on
-# TensorFlow's CPU kernels only, so elsewhere (GPUs, other backends, float16) the backend's own
-# gradient stays. `python -m bench.train_throughput --mode primarycaps` times each gradient in
+# more, oneDNN's Conv2DBackpropFilter. Under oneDNN, oneDNN's own transposed convolution beats
+# col2im for the input gradient with AVX512_BF16 and no AMX (a Zen 4), and col2im beats it where
+# AMX-BF16 runs the matmul. Both forms were timed with float32 and bfloat16 on TensorFlow's CPU
+# kernels only, so elsewhere (GPUs, other backends, float16) the backend's own gradient stays. `python -m bench.train_throughput --mode primarycaps` times each gradient in
 # both forms on the machine at hand; the figures: docs/lab/kernel-work.md.
 
 

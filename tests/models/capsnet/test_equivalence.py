@@ -13,7 +13,7 @@ import pytest
 import keras
 from keras import ops
 
-from models.capsnet import kernels, layers
+from models.capsnet import hardware, kernels, layers
 from models.capsnet.layers import DigitCaps, PrimaryCaps, dynamic_routing
 
 RNG = np.random.default_rng(7)
@@ -292,7 +292,7 @@ def test_bfloat16_backward_equals_the_float32_one_within_bf16_rounding(col2im):
     shape: the float32 sum is what keeps this within the bounds.)"""
     if not kernels.use_fast_path("conv_backward", "bfloat16"):
         pytest.skip("the backend's own convolution gradient is in use here")
-    if not col2im and kernels.use_fast_path("col2im", "bfloat16"):
+    if not col2im and hardware.runtime_name() == "Eigen":
         # Measured: Eigen's bf16 transposed convolution sums in bf16, 2.3 % max error at this
         # shape; the chooser never takes it there.
         pytest.skip("under Eigen the input gradient is always col2im's")
@@ -314,15 +314,24 @@ def test_bfloat16_backward_equals_the_float32_one_within_bf16_rounding(col2im):
         assert np.sqrt(np.mean((g16 - g32) ** 2)) <= 5e-3 * np.sqrt(np.mean(g32 ** 2)), what
 
 
-@pytest.mark.parametrize("onednn, col2im", [("0", True), ("1", False), (None, False)])
-def test_col2im_input_gradient_exactly_where_tensorflow_runs_eigen(monkeypatch, onednn, col2im):
-    """TF_ENABLE_ONEDNN_OPTS=0 is Eigen (its own input gradient works image by image); unset or
-    1 is oneDNN on x86, whose transposed convolution is the faster there."""
+AMX = frozenset({"amx_bf16", "avx512_bf16", "avx512f"})
+AVX512_BF16 = frozenset({"avx512_bf16", "avx512f"})
+
+
+@pytest.mark.parametrize("onednn, flags, col2im", [
+    ("0", AVX512_BF16, True), ("0", AMX, True),
+    ("1", AVX512_BF16, False), (None, AVX512_BF16, False),
+    ("1", AMX, True), (None, AMX, True)])
+def test_col2im_input_gradient_under_eigen_and_on_amx(monkeypatch, onednn, flags, col2im):
+    """TF_ENABLE_ONEDNN_OPTS=0 is Eigen (its own input gradient works image by image): col2im on
+    any CPU. Unset or 1 is oneDNN on x86: its transposed convolution, except on AMX-BF16, where
+    col2im's one large matmul is the faster."""
     require_matmul_backward()
     if onednn is None:
         monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     else:
         monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", onednn)
+    monkeypatch.setattr(hardware, "this_cpu", lambda: hardware.Cpu("a CPU", flags))
     for dtype in ("float32", "bfloat16"):
         assert kernels.use_fast_path("col2im", dtype) == col2im
     assert not kernels.use_fast_path("col2im", "float16")
