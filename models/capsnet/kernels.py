@@ -406,8 +406,9 @@ def _predict_and_route(u, kernel, n_chunks, n_caps, dim, routings, stop_gradient
 # more, oneDNN's Conv2DBackpropFilter. Under oneDNN, oneDNN's own transposed convolution beats
 # col2im for the input gradient with AVX512_BF16 and no AMX (a Zen 4), and col2im beats it where
 # AMX-BF16 runs the matmul. Both forms were timed with float32 and bfloat16 on TensorFlow's CPU
-# kernels only, so elsewhere (GPUs, other backends, float16) the backend's own gradient stays. `python -m bench.train_throughput --mode primarycaps` times each gradient in
-# both forms on the machine at hand; the figures: docs/lab/kernel-work.md.
+# kernels only, so elsewhere (GPUs, other backends, float16) the backend's own gradient stays.
+# `python -m bench.train_throughput --mode primarycaps` times each gradient in each form on the
+# machine at hand; the figures: docs/lab/kernel-work.md.
 
 
 def _patch_pixels(out_h, out_w, width, kernel_size, strides):
